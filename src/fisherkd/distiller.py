@@ -1,0 +1,226 @@
+"""The Distiller: a frozen teacher, a trainable student, adapters and loss methods in one ``nn.Module``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from fisherkd.adapters import make_adapter
+from fisherkd.methods.base import Method, MethodInputs, create
+from fisherkd.taps import Taps
+
+
+class MethodSpec(BaseModel):
+    """One loss term of a distillation: a registered method, its loss weight, its tapped layer pairs and
+    hyper-parameters (any other key). ``weight`` defaults to the authors' weight of the method."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    weight: float | None = None
+    pairs: list[tuple[str, str]] = Field(default_factory=list)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self) -> Method:
+        return create(self.name, **self.hparams)
+
+
+def as_spec(item: MethodSpec | Mapping[str, Any] | str) -> MethodSpec:
+    if isinstance(item, MethodSpec):
+        return item
+    if isinstance(item, str):
+        return MethodSpec(name=item)
+    return MethodSpec(**item)
+
+
+def model_logits(output: Any) -> Tensor:
+    """Logits from a model output: a tensor, a Transformers ``ModelOutput`` or a tuple whose first item they are."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+@dataclass
+class DistillOutput:
+    """Student logits, teacher logits (None without a teacher), weighted loss terms and their sum."""
+
+    logits: Tensor
+    teacher_logits: Tensor | None
+    losses: dict[str, Tensor]
+    weights: dict[str, float]
+    loss: Tensor
+
+
+def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + adapters + methods. ``forward`` returns a :class:`DistillOutput`.
+
+    The teacher's parameters never require grad and the teacher stays in eval mode whatever ``train()`` is
+    called with. Adapters are built from the shapes seen on ``example_input`` (needed only when a method asks
+    for adapters); they belong to the distiller and are saved and trained with the student.
+
+    Example::
+
+        distiller = Distiller(student, teacher, [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}])
+        out = distiller(x, y)
+        out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        methods: Sequence[MethodSpec | Mapping[str, Any] | str],
+        example_input: Tensor | Mapping[str, Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.specs = [as_spec(m) for m in methods]
+        if not self.specs:
+            raise ValueError("a Distiller needs at least one method, e.g. methods=['ce', 'kd']")
+        self.methods = nn.ModuleList(spec.build() for spec in self.specs)
+        self.loss_weights = [
+            spec.weight if spec.weight is not None else type(m).default_weight
+            for spec, m in zip(self.specs, self.methods)
+        ]
+        self.term_names = self._term_names()
+        for spec, method in zip(self.specs, self.methods):
+            if method.needs_teacher and teacher is None:
+                raise ValueError(f"method {spec.name!r} needs a teacher, but teacher=None")
+            if len(spec.pairs) < method.min_pairs:
+                raise ValueError(
+                    f"method {spec.name!r} needs at least {method.min_pairs} layer pair(s): "
+                    "add pairs: [[student_module, teacher_module]] to its spec"
+                )
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.student_taps = Taps(student, [s for spec in self.specs for s, _ in spec.pairs], "student")
+        self.teacher_taps = (
+            Taps(teacher, [t for spec in self.specs for _, t in spec.pairs], "teacher") if teacher else None
+        )
+        self.adapters = nn.ModuleDict()
+        if any(m.adapter != "none" and spec.pairs for spec, m in zip(self.specs, self.methods)):
+            if example_input is None:
+                raise ValueError("a method needs adapters: pass example_input= (a small batch) to the Distiller")
+            self._build_adapters(example_input)
+
+    def _term_names(self) -> list[str]:
+        seen: dict[str, int] = {}
+        names = []
+        for spec in self.specs:
+            count = seen.get(spec.name, 0)
+            seen[spec.name] = count + 1
+            names.append(spec.name if count == 0 else f"{spec.name}_{count}")
+        return names
+
+    @staticmethod
+    def adapter_key(method_index: int, pair_index: int) -> str:
+        return f"m{method_index}_p{pair_index}"
+
+    @torch.no_grad()
+    def _build_adapters(self, example_input: Tensor | Mapping[str, Tensor]) -> None:
+        was_training = self.student.training
+        self.student.eval()
+        _call(self.student, example_input)
+        _call(self.teacher, example_input)
+        self.student.train(was_training)
+        device = next(self.student.parameters()).device
+        for i, (spec, method) in enumerate(zip(self.specs, self.methods)):
+            if method.adapter == "none":
+                continue
+            for j, (s_name, t_name) in enumerate(spec.pairs):
+                where = f"method {spec.name!r}, pair student {s_name!r} -> teacher {t_name!r}"
+                adapter = make_adapter(self.student_taps[s_name], self.teacher_taps[t_name], where)
+                self.adapters[self.adapter_key(i, j)] = adapter.to(device)
+        self.student_taps.clear()
+        self.teacher_taps.clear()
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # frozen: BatchNorm statistics and dropout must not change
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student, adapter and method parameters: what the optimizer updates (never the teacher's)."""
+        teacher_ids = {id(p) for p in self.teacher.parameters()} if self.teacher is not None else set()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in teacher_ids]
+
+    @torch.no_grad()
+    def teacher_forward(self, inputs: Tensor | Mapping[str, Tensor]) -> Tensor:
+        return model_logits(_call(self.teacher, inputs))
+
+    def forward(
+        self,
+        inputs: Tensor | Mapping[str, Tensor],
+        target: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        index: Tensor | None = None,
+        epoch: Tensor | float = 0.0,
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> DistillOutput:
+        teacher_logits = self.teacher_forward(inputs) if self.teacher is not None else None
+        student_logits = model_logits(_call(self.student, inputs))
+        losses: dict[str, Tensor] = {}
+        used_weights: dict[str, float] = {}
+        for i, (spec, method) in enumerate(zip(self.specs, self.methods)):
+            if method.needs_target and target is None:
+                raise ValueError(f"method {spec.name!r} needs labels: call the distiller with a target")
+            student_features, teacher_features = [], []
+            for j, (s_name, t_name) in enumerate(spec.pairs):
+                feature = self.student_taps[s_name]
+                key = self.adapter_key(i, j)
+                student_features.append(self.adapters[key](feature) if key in self.adapters else feature)
+                teacher_features.append(self.teacher_taps[t_name])
+            terms = method(
+                MethodInputs(
+                    student_logits=student_logits,
+                    teacher_logits=teacher_logits,
+                    target=target,
+                    student_features=student_features,
+                    teacher_features=teacher_features,
+                    mask=mask,
+                    index=index,
+                    epoch=epoch,
+                    weights=weights or {},
+                )
+            )
+            weight = self.loss_weights[i]
+            for term, value in terms.items():
+                key = term if term not in losses else f"{self.term_names[i]}.{term}"
+                losses[key] = weight * value
+                used_weights[key] = weight
+        self.student_taps.clear()
+        if self.teacher_taps is not None:
+            self.teacher_taps.clear()
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        return DistillOutput(student_logits, teacher_logits, losses, used_weights, total)
+
+    def close(self) -> None:
+        """Remove every forward hook this distiller placed on the student and the teacher."""
+        self.student_taps.close()
+        if self.teacher_taps is not None:
+            self.teacher_taps.close()
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """Everything trainable that a checkpoint must keep: the state without the (frozen, cached) teacher."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+

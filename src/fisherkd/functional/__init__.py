@@ -1,0 +1,11 @@
+"""Pure tensor functions, one per distillation loss. Batch-mean reductions unless a docstring says otherwise.
+
+Each family lives in its own module and lists its functions in ``__all__``.
+"""
+
+from fisherkd.functional.features import *  # noqa: F403
+from fisherkd.functional.features import __all__ as _features
+from fisherkd.functional.logits import *  # noqa: F403
+from fisherkd.functional.logits import __all__ as _logits
+
+__all__ = [*_logits, *_features]

@@ -1,0 +1,159 @@
+"""The method registry: every distillation loss is a small ``nn.Module`` registered by name.
+
+A method receives a :class:`MethodInputs` (student and teacher logits, tapped feature pairs, labels, masks,
+optional importance weights) and returns named, *unweighted* loss terms. It knows nothing of the trainer; the
+:class:`~fisherkd.distiller.Distiller` multiplies each term by the loss weight of the method.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+Family = Literal["label", "logit", "feature", "relation", "attention", "sequence", "scheme"]
+AdapterKind = Literal["none", "student_to_teacher"]
+
+
+class Hyperparameters(BaseModel):
+    """Base of every method's typed hyper-parameters. Defaults are the authors'."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class MethodInputs:
+    """Everything a method may read for one batch.
+
+    ``student_features[j]`` and ``teacher_features[j]`` are the tensors of the method's j-th tapped layer pair;
+    the student side has already passed through its adapter when the method asks for one. ``weights`` holds
+    importance weights by axis name ("sample", "class", "channel", ...), each with mean 1.
+    """
+
+    student_logits: Tensor
+    teacher_logits: Tensor | None = None
+    target: Tensor | None = None
+    student_features: list[Tensor] = field(default_factory=list)
+    teacher_features: list[Tensor] = field(default_factory=list)
+    mask: Tensor | None = None
+    index: Tensor | None = None
+    epoch: Tensor | float = 0.0
+    weights: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of a distillation loss. Subclasses set the class variables and implement ``forward``."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[Family] = "logit"
+    paper: ClassVar[str] = ""
+    default_weight: ClassVar[float] = 1.0
+    adapter: ClassVar[AdapterKind] = "none"
+    needs_teacher: ClassVar[bool] = True
+    needs_target: ClassVar[bool] = False
+    min_pairs: ClassVar[int] = 0
+    Params: ClassVar[type[Hyperparameters]] = Hyperparameters
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__()
+        self.hparams = _validate_hparams(type(self), hparams)
+
+    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.hparams.model_dump().items())
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator: ``@register("kd")`` makes the method available to ``create`` and to configs."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].__module__}, {cls.__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def nearest(name: str, choices: list[str] | tuple[str, ...] | set[str], n: int = 3) -> str:
+    """A short 'did you mean' phrase listing the closest valid names."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.4)
+    shown = close or sorted(choices)[:8]
+    label = "did you mean" if close else "valid names include"
+    return f"{label}: {', '.join(shown)}"
+
+
+def method_class(name: str) -> type[Method]:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; {nearest(name, _REGISTRY)} (see `fisherkd methods`)")
+    return _REGISTRY[name]
+
+
+def create(name: str, **hparams: Any) -> Method:
+    """Build a registered method by name with validated hyper-parameters."""
+    return method_class(name)(**hparams)
+
+
+def available(family: str | None = None) -> list[str]:
+    """Sorted names of the registered methods, optionally of one family."""
+    _load_builtin_methods()
+    return sorted(n for n, c in _REGISTRY.items() if family is None or c.family == family)
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Name, family, paper, default loss weight and hyper-parameter defaults of a method."""
+    cls = method_class(name)
+    defaults = {k: f.default for k, f in cls.Params.model_fields.items()}
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return {
+        "name": name,
+        "family": cls.family,
+        "summary": doc[0] if doc else "",
+        "paper": cls.paper,
+        "default_weight": cls.default_weight,
+        "defaults": defaults,
+    }
+
+
+def _validate_hparams(cls: type[Method], hparams: dict[str, Any]) -> Hyperparameters:
+    fields = set(cls.Params.model_fields)
+    for key in hparams:
+        if key not in fields:
+            valid = nearest(key, fields) if fields else "it takes no hyper-parameters"
+            raise TypeError(f"method {cls.name!r} has no hyper-parameter {key!r}; {valid}")
+    try:
+        return cls.Params(**hparams)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TypeError(f"method {cls.name!r}, hyper-parameter {where!r}: {first['msg']}") from None
+
+
+_loaded = False
+
+
+def _load_builtin_methods() -> None:
+    # Importing the family modules runs their @register decorators; done lazily to avoid import cycles.
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        import importlib
+        import pkgutil
+
+        import fisherkd.methods as pkg
+
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name not in {"base"}:
+                importlib.import_module(f"fisherkd.methods.{info.name}")
+
