@@ -1,0 +1,174 @@
+"""Run configuration: YAML validated by pydantic, with ``key=value`` overrides from the command line.
+
+Unknown keys and wrong types are rejected with the key path (``train.optimizer.lr``); unknown method names and
+hyper-parameters are rejected with the nearest valid names. YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fisherkd.data.augment import AugmentConfig
+from fisherkd.distiller import MethodSpec
+from fisherkd.methods.base import method_class, nearest
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line with the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    name: str = Field(description="zoo name (see fisherkd.models.available_models()), or timm:NAME / torchvision:NAME")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra constructor arguments")
+    checkpoint: str | None = Field(None, description="weights to load (a state dict saved by torch.save)")
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "step", "cosine"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from 0, in epochs")
+    milestones: list[int] = Field(default_factory=list, description="epochs where 'step' multiplies the lr by gamma")
+    gamma: float = 0.1
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    amp: Literal["auto", "bf16", "off"] = Field("auto", description="auto = bf16 autocast on CUDA, off on CPU")
+    channels_last: bool | None = Field(None, description="None = on for CUDA image models")
+    compile: bool = Field(False, description="torch.compile the student")
+    grad_clip: float | None = Field(None, gt=0)
+    log_every: int = Field(50, ge=1, description="optimizer steps between reads of the device-side metrics")
+    eval_every: int = Field(1, ge=1, description="epochs between evaluations")
+
+
+class TeacherConfig(ModelConfig):
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="how to train the teacher when no checkpoint is given (then cached)"
+    )
+
+
+class DataConfig(Strict):
+    name: str = "mnist1d"
+    root: str | None = None
+
+
+class TrackingConfig(Strict):
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "fisherkd"
+    wandb_mode: Literal["offline", "online"] = "offline"
+
+
+class RunConfig(Strict):
+    """Everything one distillation run needs."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig | None = None
+    student: ModelConfig
+    methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="ce")])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> RunConfig:
+        for i, spec in enumerate(self.methods):
+            try:
+                spec.build()
+            except (KeyError, TypeError) as err:
+                raise ValueError(f"methods.{i}: {err.args[0]}") from None
+            if method_class(spec.name).needs_teacher and self.teacher is None:
+                raise ValueError(f"methods.{i}: method {spec.name!r} needs a teacher: add a teacher: block")
+        return self
+
+
+def set_by_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists, creating dicts on the way."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
+        parsed.append((key.strip(), yaml.safe_load(raw)))
+    return parsed
+
+
+def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    where = ".".join(loc) or "config"
+    if first["type"] == "extra_forbidden":
+        parent: Any = model
+        for part in loc[:-1]:
+            field = getattr(parent, "model_fields", {}).get(part)
+            annotation = field.annotation if field else None
+            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if parent is None:
+                break
+        if parent is not None:
+            return f"config error at {where}: unknown key; {nearest(loc[-1], list(parent.model_fields))}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config error at {where}: {message}" if loc else f"config error at {message}"
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    raw = dict(raw)
+    for key, value in parse_overrides(overrides or []):
+        try:
+            set_by_path(raw, key, value)
+        except (IndexError, ValueError, TypeError):
+            raise ConfigError(f"override {key!r}: no such list element or key path") from None
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, RunConfig)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config with ``yaml.safe_load``, apply ``key=value`` overrides and validate it."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return build_config(raw, overrides)

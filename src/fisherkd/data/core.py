@@ -1,0 +1,92 @@
+"""Datasets held as tensors on the training device, batched and augmented there.
+
+Small datasets (MNIST-1D, Fashion-MNIST, CIFAR) fit in device memory, so a GPU never waits on a DataLoader:
+each epoch is one ``randperm`` and every batch is an index into resident tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ArrayDataset:
+    """Inputs ``x`` (float32, N×…) and integer labels ``y`` (N)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"dataset has {len(self.x)} inputs but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        return ArrayDataset(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class DataSplits:
+    """Train and test splits of one dataset, with what a model needs to know about it."""
+
+    name: str
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0] if len(self.input_shape) == 3 else 1
+
+
+@dataclass
+class Batch:
+    x: Tensor
+    y: Tensor
+    index: Tensor
+
+
+class DeviceLoader:
+    """Batches of a resident :class:`ArrayDataset`. The order of epoch e depends only on (seed, e), so a run
+    resumed mid-epoch sees exactly the batches it would have seen (``epoch(e, start=k)`` skips k batches)."""
+
+    def __init__(
+        self,
+        data: ArrayDataset,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        # Static shapes: dropping the last partial batch keeps every step identical (and CUDA-graph friendly).
+        self.drop_last = drop_last and len(data) >= batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self, epoch: int) -> Tensor:
+        device = self.data.y.device
+        if not self.shuffle:
+            return torch.arange(len(self.data), device=device)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data), generator=generator).to(device)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        order = self.order(epoch)
+        for b in range(start, len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield Batch(self.data.x[index], self.data.y[index], index)

@@ -1,0 +1,254 @@
+"""The training loop. It knows nothing of individual methods: it calls the Distiller and minimises ``loss``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from fisherkd.config import TrainConfig
+from fisherkd.data import ArrayDataset, DataSplits, DeviceLoader, augment
+from fisherkd.distiller import Distiller, model_logits
+from fisherkd.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fisherkd.engine.schedule import lr_factor
+from fisherkd.metrics import FidelityMeter
+from fisherkd.tracking import Tracker
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's CPU and CUDA generators (all FisherKD randomness comes from them)."""
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
+        )
+    cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(distiller: Distiller, data: ArrayDataset, batch_size: int = 1000, amp: str = "auto") -> dict[str, float]:
+    """Student accuracy, ECE and, with a teacher, agreement, KL(p_t‖p_s) at τ=1 and error inheritance."""
+    was_training = distiller.training
+    distiller.eval()
+    device = next(distiller.student.parameters()).device
+    meter = FidelityMeter()
+    loader = DeviceLoader(data.to(device), batch_size, shuffle=False, drop_last=False)
+    with autocast(device, amp):
+        for batch in loader.epoch(0):
+            student_logits = model_logits(distiller.student(batch.x))
+            teacher_logits = distiller.teacher_forward(batch.x) if distiller.teacher is not None else None
+            meter.update(student_logits, batch.y, teacher_logits)
+    distiller.train(was_training)
+    return meter.compute()
+
+
+class Trainer:
+    """Trains a :class:`Distiller` on :class:`DataSplits` with one :class:`TrainConfig`.
+
+    Metrics are summed on the device and read once every ``log_every`` optimizer steps. With a ``run_dir``,
+    checkpoints ``last.pt`` and ``best.pt`` are written atomically at every evaluation, and ``fit(resume=True)``
+    continues from ``last.pt`` exactly: same batches, same augmentation draws, same losses.
+    """
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        splits: DataSplits,
+        config: TrainConfig,
+        *,
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        run_dir: str | Path | None = None,
+        tracker: Tracker | None = None,
+        progress: Progress | None = None,
+        label: str = "train",
+    ) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.distiller = distiller.to(self.device)
+        self.splits = splits
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.tracker = tracker
+        self.label = label
+        self._progress = progress
+        self.channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
+        self.channels_last = self.channels_last and len(splits.input_shape) == 3
+        if self.channels_last:
+            self.distiller.to(memory_format=torch.channels_last)
+        if config.compile:
+            self.distiller.student.compile()
+        self.loader = DeviceLoader(splits.train.to(self.device), config.batch_size, shuffle=True, seed=seed)
+        self.steps_per_epoch = len(self.loader) // config.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size={config.batch_size} × grad_accum={config.grad_accum} exceeds the "
+                f"{len(splits.train)} training samples: lower one of them"
+            )
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.optimizer = make_optimizer(distiller.trainable_parameters(), config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, self.total_steps, config.schedule)
+        )
+        self.step = 0
+        self.best_accuracy = -1.0
+        self.history: list[dict[str, Any]] = []
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "distiller": self.distiller.student_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "best_accuracy": self.best_accuracy,
+            "rng": rng_state(),
+        }
+
+    def save(self, name: str) -> None:
+        if self.run_dir is not None:
+            save_atomic(self.state_dict(), self.run_dir / "checkpoints" / f"{name}.pt")
+
+    def load(self, path: str | Path) -> None:
+        state = load_checkpoint(path, self.device)
+        missing, unexpected = self.distiller.load_state_dict(state["distiller"], strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {str(path)!r} does not fit this model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.best_accuracy = state["best_accuracy"]
+        set_rng_state(state["rng"])
+
+    # -- training ------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after_steps: int | None = None) -> dict[str, Any]:
+        """Train to the configured number of epochs (or stop early after ``stop_after_steps`` optimizer steps,
+        with a checkpoint, as an interrupted run would). Returns the summary, also written to summary.json."""
+        if resume:
+            if self.run_dir is None:
+                raise ValueError("resume needs a run_dir holding checkpoints/last.pt")
+            self.load(self.run_dir / "checkpoints" / "last.pt")
+            self._drop_rows_after_checkpoint()
+        config, accum = self.config, self.config.grad_accum
+        epoch_progress = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        batches = samples = 0
+        started = time.perf_counter()
+        own_progress = self._progress is None
+        progress = self._progress or _make_progress()
+        task = progress.add_task(self.label, total=self.total_steps, completed=self.step, info="")
+        self.distiller.train()
+        with progress if own_progress else contextlib.nullcontext():
+            while self.step < self.total_steps:
+                epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+                for i, batch in enumerate(self.loader.epoch(epoch, start=step_in_epoch * accum)):
+                    if i // accum >= self.steps_per_epoch - step_in_epoch:
+                        break  # a partial accumulation group at the end of the epoch is dropped
+                    x, y = augment(batch.x, batch.y, config.augment)
+                    if self.channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    epoch_progress.fill_(self.step / self.steps_per_epoch)
+                    with autocast(self.device, config.amp):
+                        out = self.distiller(x, y, index=batch.index, epoch=epoch_progress)
+                    (out.loss / accum).backward()
+                    for key, value in [("loss", out.loss), *out.losses.items()]:
+                        sums[key] = sums.get(key, 0) + value.detach().float()
+                    sums["correct"] = sums.get("correct", 0) + (out.logits.argmax(-1) == y).sum()
+                    batches += 1
+                    samples += len(y)
+                    if (i + 1) % accum:
+                        continue
+                    if config.grad_clip:
+                        nn.utils.clip_grad_norm_(self.distiller.trainable_parameters(), config.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+                    self.step += 1
+                    if self.step % config.log_every == 0 or self.step % self.steps_per_epoch == 0:
+                        self._log_train(sums, batches, samples, progress, task)
+                        sums, batches, samples = {}, 0, 0
+                    if stop_after_steps is not None and self.step >= stop_after_steps:
+                        self.save("last")
+                        return {"stopped_at_step": self.step}
+                if self.step % self.steps_per_epoch == 0:
+                    self._end_of_epoch(self.step // self.steps_per_epoch, progress, task)
+        return self._finish(time.perf_counter() - started)
+
+    def _log_train(self, sums: dict[str, torch.Tensor], batches: int, samples: int, progress: Progress, task: int):
+        values = dict(zip(sums, torch.stack([v.float() for v in sums.values()]).tolist()))  # the one sync
+        row = {k: v / batches for k, v in values.items() if k != "correct"}
+        row["train_accuracy"] = values["correct"] / samples
+        row["lr"] = self.scheduler.get_last_lr()[0]
+        if self.tracker is not None:
+            self.tracker.log(self.step, row, "train")
+        progress.update(task, completed=self.step, info=f"loss {row['loss']:.4f}  train acc {row['train_accuracy']:.3f}")
+
+    def _end_of_epoch(self, epoch: int, progress: Progress, task: int) -> None:
+        last = epoch == self.config.epochs
+        if epoch % self.config.eval_every and not last:
+            return
+        metrics = evaluate(self.distiller, self.splits.test, self.config.eval_batch_size, self.config.amp)
+        metrics["epoch"] = epoch
+        self.history.append(metrics)
+        if self.tracker is not None:
+            self.tracker.log(self.step, metrics, "test")
+        progress.update(task, info=f"test acc {metrics['accuracy']:.3f}")
+        self.save("last")
+        if metrics["accuracy"] > self.best_accuracy:
+            self.best_accuracy = metrics["accuracy"]
+            self.save("best")
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        final = self.history[-1] if self.history else evaluate(self.distiller, self.splits.test)
+        summary = {
+            **{f"test_{k}": v for k, v in final.items() if k != "epoch"},
+            "best_test_accuracy": self.best_accuracy,
+            "steps": self.step,
+            "train_seconds": seconds,
+            "device": str(self.device),
+        }
+        if self.run_dir is not None:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _drop_rows_after_checkpoint(self) -> None:
+        # rows logged after the checkpoint belong to steps that will be run again
+        if self.tracker is None:
+            return
+        rows = self.tracker.truncate(self.step)
+        self.history = [{k: v for k, v in r.items() if k not in ("step", "split")} for r in rows if r["split"] == "test"]
+
+
+def _make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=False,
+    )

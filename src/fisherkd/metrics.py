@@ -1,0 +1,59 @@
+"""Accuracy and fidelity diagnostics, accumulated on the device and read once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def expected_calibration_error(logits: Tensor, target: Tensor, bins: int = 15) -> Tensor:
+    """ECE with equal-width confidence bins, each bin weighted by its share of samples (Guo et al. 2017)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    confidence, prediction = probs.max(-1)
+    correct = (prediction == target).float()
+    # bin b holds confidences in (b/bins, (b+1)/bins]; confidence is always > 0
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    count = torch.zeros(bins, device=logits.device).index_add_(0, which, torch.ones_like(confidence))
+    conf_sum = torch.zeros(bins, device=logits.device).index_add_(0, which, confidence)
+    acc_sum = torch.zeros(bins, device=logits.device).index_add_(0, which, correct)
+    return (conf_sum - acc_sum).abs().sum() / len(target)
+
+
+class FidelityMeter:
+    """Sums, over an evaluation pass, what the epoch report needs: student and teacher accuracy, top-1 agreement
+    with the teacher, KL(p_t ‖ p_s) at τ=1 and the logits for ECE. Nothing leaves the device until ``compute``."""
+
+    def __init__(self) -> None:
+        self.student_logits: list[Tensor] = []
+        self.teacher_logits: list[Tensor] = []
+        self.targets: list[Tensor] = []
+
+    def update(self, student_logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None) -> None:
+        self.student_logits.append(student_logits.detach().float())
+        self.targets.append(target)
+        if teacher_logits is not None:
+            self.teacher_logits.append(teacher_logits.detach().float())
+
+    def compute(self) -> dict[str, float]:
+        student = torch.cat(self.student_logits)
+        target = torch.cat(self.targets)
+        values = {
+            "accuracy": (student.argmax(-1) == target).float().mean(),
+            "ece": expected_calibration_error(student, target),
+        }
+        if self.teacher_logits:
+            teacher = torch.cat(self.teacher_logits)
+            log_p_s, log_p_t = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+            agree = student.argmax(-1) == teacher.argmax(-1)
+            teacher_right = teacher.argmax(-1) == target
+            values |= {
+                "teacher_accuracy": teacher_right.float().mean(),
+                "agreement": agree.float().mean(),
+                "kl": (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean(),
+                # error inheritance: does the student follow the teacher where the teacher is wrong?
+                "agreement_teacher_right": agree[teacher_right].float().mean(),
+                "agreement_teacher_wrong": agree[~teacher_right].float().mean(),
+            }
+        stacked = torch.stack(list(values.values())).tolist()  # one host transfer
+        return {k: v for k, v in zip(values, stacked) if v == v}  # drop NaN (e.g. a teacher that is never wrong)

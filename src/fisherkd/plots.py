@@ -1,0 +1,66 @@
+"""Plots written next to the numbers they show (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fisherkd.tracking import read_metrics  # noqa: E402
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Training loss and test accuracy/agreement against steps → ``plots/curves.png``."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    test = [r for r in rows if r["split"] == "test"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="total loss")
+    left.set(xlabel="optimizer step", ylabel="training loss", yscale="log", title="Training loss")
+    left.legend()
+    for key, label in [("accuracy", "test accuracy"), ("agreement", "agreement with teacher")]:
+        if test and key in test[0]:
+            right.plot([r["step"] for r in test], [100 * r[key] for r in test], marker="o", label=label)
+    right.set(xlabel="optimizer step", ylabel="%", title="Test accuracy and fidelity")
+    right.legend()
+    fig.tight_layout()
+    out = run_dir / "plots" / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_comparison(
+    labels: Sequence[str],
+    means: Sequence[float],
+    stds: Sequence[float],
+    path: str | Path,
+    reference: dict[str, float] | None = None,
+    ylabel: str = "student test accuracy (%)",
+    title: str = "",
+) -> Path:
+    """Bar chart of mean ± std per variant, with horizontal reference lines (e.g. the teacher)."""
+    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2.5, 4))
+    bars = ax.bar(labels, means, yerr=stds, capsize=4, color="#4C72B0")
+    ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=3)
+    for i, (name, value) in enumerate((reference or {}).items()):
+        ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=f"{name} {value:.1f}")
+    low = min([m - s for m, s in zip(means, stds)] + list((reference or {}).values()))
+    high = max([m + s for m, s in zip(means, stds)] + list((reference or {}).values()))
+    ax.set_ylim(max(0.0, low - 5), min(100.0, high + 4))
+    ax.set(ylabel=ylabel, title=title)
+    if reference:
+        ax.legend(loc="lower right")
+    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
