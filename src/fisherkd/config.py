@@ -63,6 +63,7 @@ class TrainConfig(Strict):
 
 
 class TeacherConfig(ModelConfig):
+    seed: int = Field(0, description="seed of the teacher's own training; student seeds share one teacher")
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="how to train the teacher when no checkpoint is given (then cached)"
     )
@@ -111,10 +112,7 @@ def set_by_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node: Any = tree
     for key in keys[:-1]:
-        if isinstance(node, list):
-            node = node[int(key)]
-        else:
-            node = node.setdefault(key, {})
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
     last = keys[-1]
     if isinstance(node, list):
         node[int(last)] = value

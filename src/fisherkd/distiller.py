@@ -116,10 +116,18 @@ class Distiller(nn.Module):
             Taps(teacher, [t for spec in self.specs for _, t in spec.pairs], "teacher") if teacher else None
         )
         self.adapters = nn.ModuleDict()
-        if any(m.adapter != "none" and spec.pairs for spec, m in zip(self.specs, self.methods)):
+        needs_shapes = [
+            spec.name
+            for spec, m in zip(self.specs, self.methods)
+            if spec.pairs and (m.adapter != "none" or type(m).setup is not Method.setup)
+        ]
+        if needs_shapes or (example_input is not None and any(spec.pairs for spec in self.specs)):
             if example_input is None:
-                raise ValueError("a method needs adapters: pass example_input= (a small batch) to the Distiller")
-            self._build_adapters(example_input)
+                raise ValueError(
+                    f"method {needs_shapes[0]!r} builds layers from feature shapes: pass example_input= (a small "
+                    "batch) to the Distiller"
+                )
+            self._build_from_example(example_input)
 
     def _term_names(self) -> list[str]:
         seen: dict[str, int] = {}
@@ -135,7 +143,8 @@ class Distiller(nn.Module):
         return f"m{method_index}_p{pair_index}"
 
     @torch.no_grad()
-    def _build_adapters(self, example_input: Tensor | Mapping[str, Tensor]) -> None:
+    def _build_from_example(self, example_input: Tensor | Mapping[str, Tensor]) -> None:
+        """Run both models once on example inputs; build adapters, then let each method build its own parts."""
         was_training = self.student.training
         self.student.eval()
         _call(self.student, example_input)
@@ -143,12 +152,18 @@ class Distiller(nn.Module):
         self.student.train(was_training)
         device = next(self.student.parameters()).device
         for i, (spec, method) in enumerate(zip(self.specs, self.methods)):
-            if method.adapter == "none":
-                continue
+            student_features, teacher_features = [], []
             for j, (s_name, t_name) in enumerate(spec.pairs):
-                where = f"method {spec.name!r}, pair student {s_name!r} -> teacher {t_name!r}"
-                adapter = make_adapter(self.student_taps[s_name], self.teacher_taps[t_name], where)
-                self.adapters[self.adapter_key(i, j)] = adapter.to(device)
+                student, teacher = self.student_taps[s_name], self.teacher_taps[t_name]
+                if method.adapter != "none" and method.wants_adapter(student, teacher):
+                    where = f"method {spec.name!r}, pair student {s_name!r} -> teacher {t_name!r}"
+                    adapter = make_adapter(student, teacher, where).to(device)
+                    self.adapters[self.adapter_key(i, j)] = adapter
+                    student = adapter(student)
+                student_features.append(student)
+                teacher_features.append(teacher)
+            method.setup(student_features, teacher_features)
+            method.to(device)
         self.student_taps.clear()
         self.teacher_taps.clear()
 
@@ -177,6 +192,8 @@ class Distiller(nn.Module):
         epoch: Tensor | float = 0.0,
         weights: Mapping[str, Tensor] | None = None,
     ) -> DistillOutput:
+        if mask is None and isinstance(inputs, Mapping):
+            mask = inputs.get("attention_mask")  # Transformers batches carry their padding mask
         teacher_logits = self.teacher_forward(inputs) if self.teacher is not None else None
         student_logits = model_logits(_call(self.student, inputs))
         losses: dict[str, Tensor] = {}

@@ -14,7 +14,6 @@ def expected_calibration_error(logits: Tensor, target: Tensor, bins: int = 15) -
     correct = (prediction == target).float()
     # bin b holds confidences in (b/bins, (b+1)/bins]; confidence is always > 0
     which = (confidence * bins).ceil().long().clamp(1, bins) - 1
-    count = torch.zeros(bins, device=logits.device).index_add_(0, which, torch.ones_like(confidence))
     conf_sum = torch.zeros(bins, device=logits.device).index_add_(0, which, confidence)
     acc_sum = torch.zeros(bins, device=logits.device).index_add_(0, which, correct)
     return (conf_sum - acc_sum).abs().sum() / len(target)

@@ -30,9 +30,9 @@ def build_model(config: ModelConfig, splits: DataSplits) -> nn.Module:
     return model
 
 
-def teacher_cache_path(config: TeacherConfig, data: dict[str, Any], seed: int) -> Path:
+def teacher_cache_path(config: TeacherConfig, data: dict[str, Any]) -> Path:
     """Teachers are keyed by everything that determines them: model, data, training recipe and seed."""
-    key = json.dumps({"teacher": config.model_dump(mode="json"), "data": data, "seed": seed}, sort_keys=True)
+    key = json.dumps({"teacher": config.model_dump(mode="json"), "data": data}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "teachers" / f"{config.name}-{digest}.pt"
 
@@ -48,19 +48,19 @@ def get_teacher(
     teacher = build_model(config.teacher, splits)
     if config.teacher.checkpoint:
         return teacher, {"source": config.teacher.checkpoint}
-    path = teacher_cache_path(config.teacher, config.data.model_dump(mode="json"), config.seed)
+    path = teacher_cache_path(config.teacher, config.data.model_dump(mode="json"))
     if path.exists():
         state = load_checkpoint(path)
         teacher.load_state_dict(state["model"])
         return teacher, {**state["record"], "source": "cache", "path": str(path)}
-    seed_everything(config.seed)
+    seed_everything(config.teacher.seed)
     teacher = build_model(config.teacher, splits)
     trainer = Trainer(
         Distiller(teacher, None, ["ce"]),
         splits,
         config.teacher.train,
         device=config.device,
-        seed=config.seed,
+        seed=config.teacher.seed,
         progress=progress,
         label=f"teacher {config.teacher.name}",
     )

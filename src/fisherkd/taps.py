@@ -37,6 +37,11 @@ def _first_tensor(output: object, index: int | None, tap: str) -> Tensor:
         output = output[0]
     if hasattr(output, "last_hidden_state"):  # a Transformers ModelOutput
         output = output.last_hidden_state
+    if output is None:
+        raise ValueError(
+            f"tap {tap!r}: the module returned None there; for attention maps of Transformers models, build them "
+            "with attn_implementation='eager'"
+        )
     if not isinstance(output, Tensor):
         raise ValueError(f"tap {tap!r}: module output is {type(output).__name__}, not a tensor; select one with ':k'")
     return output

@@ -27,7 +27,7 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("tracking.tensorboard needs tensorboard: pip install 'fisherkd[tensorboard]'") from None
+                raise ImportError("tracking.tensorboard needs: pip install 'fisherkd[tensorboard]'") from None
             self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
         if config.wandb:
             try:
@@ -49,9 +49,8 @@ class Tracker:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for key, value in values.items():
-            if isinstance(value, (int, float)):
-                if self._tensorboard is not None:
-                    self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+            if isinstance(value, (int, float)) and self._tensorboard is not None:
+                self._tensorboard.add_scalar(f"{split}/{key}", value, step)
         if self._wandb is not None:
             self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
 

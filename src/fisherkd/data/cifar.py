@@ -62,6 +62,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes in protocol-2 pickles
     }
 
     def find_class(self, module: str, name: str) -> type:

@@ -10,18 +10,22 @@ import torch
 from torch import Tensor
 
 
-def normalize_images(images: np.ndarray | Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def normalize_images(
+    images: np.ndarray | Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
+) -> Tensor:
     """uint8 N×C×H×W images → float32 scaled to [0, 1], then ``(x − mean) / std`` per channel.
 
-    Works on any device, so large datasets can ship uint8 batches (4× less traffic) and normalise on the GPU.
+    Works on any device, so large datasets can ship uint8 batches (4× less traffic) and normalise on the GPU;
+    there, pass ``mean``/``std`` as float32 tensors already on the device to avoid a host copy per batch. The
+    result keeps the memory format (e.g. channels_last) of ``images``.
     """
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {x.dtype}")
     if x.dim() != 4 or x.shape[1] != len(mean) or len(mean) != len(std):
         raise ValueError(f"expected N×{len(mean)}×H×W images, got shape {tuple(x.shape)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return (x.float() / 255 - mean_t) / std_t
 
 

@@ -52,7 +52,7 @@ def _find(root: Path, name: str) -> Path:
 
 
 def load_fashion_mnist(root: str | Path | None = None) -> DataSplits:
-    """60000 train / 10000 test 1×28×28 images (shape taken from the files), 10 classes, normalised with the training mean/std.
+    """60000 train / 10000 test 1×28×28 images, 10 classes, normalised with the training mean/std.
 
     ``root`` is the directory holding the four IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
     ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each optionally ``.gz``); default

@@ -204,7 +204,8 @@ class Trainer:
         row["lr"] = self.scheduler.get_last_lr()[0]
         if self.tracker is not None:
             self.tracker.log(self.step, row, "train")
-        progress.update(task, completed=self.step, info=f"loss {row['loss']:.4f}  train acc {row['train_accuracy']:.3f}")
+        info = f"loss {row['loss']:.4f}  train acc {row['train_accuracy']:.3f}"
+        progress.update(task, completed=self.step, info=info)
 
     def _end_of_epoch(self, epoch: int, progress: Progress, task: int) -> None:
         last = epoch == self.config.epochs
@@ -239,7 +240,8 @@ class Trainer:
         if self.tracker is None:
             return
         rows = self.tracker.truncate(self.step)
-        self.history = [{k: v for k, v in r.items() if k not in ("step", "split")} for r in rows if r["split"] == "test"]
+        tests = [r for r in rows if r["split"] == "test"]
+        self.history = [{k: v for k, v in r.items() if k not in ("step", "split")} for r in tests]
 
 
 def _make_progress() -> Progress:

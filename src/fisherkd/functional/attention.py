@@ -142,22 +142,22 @@ def minilm_attention_kl(
     """
     _check_pair("minilm_attention_kl", student_attention, teacher_attention, 4)
     s, t = _float32(student_attention), _float32(teacher_attention)
+    tiny = torch.finfo(s.dtype).tiny
     if mask is not None:
         keys = mask.to(s.dtype)[:, None, None, :]
-        # Clamped sums keep fully padded rows (excluded anyway) from producing 0/0.
-        s = s * keys / (s * keys).sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
-        t = t * keys / (t * keys).sum(-1, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
-    tiny = torch.finfo(s.dtype).tiny  # a student probability that underflowed to 0 gives a large, finite KL
-    return _kl_per_query(
-        "minilm_attention_kl", s.clamp_min(tiny).log(), t.clamp_min(tiny).log(), mask, head_weight, token_weight
-    )
+        # The clamp keeps fully padded rows (excluded from the mean anyway) from producing 0/0.
+        s = s * keys / (s * keys).sum(-1, keepdim=True).clamp_min(tiny)
+        t = t * keys / (t * keys).sum(-1, keepdim=True).clamp_min(tiny)
+    # Clamping before the log keeps it finite: a student probability that underflowed to 0 gives a large KL, not inf.
+    log_s, log_t = s.clamp_min(tiny).log(), t.clamp_min(tiny).log()
+    return _kl_per_query("minilm_attention_kl", log_s, log_t, mask, head_weight, token_weight)
 
 
 def _relation_log_probs(vectors: Tensor, num_heads: int, mask: Tensor | None) -> Tensor:
     """log softmax(A_r A_rᵀ / √d_r) per relation head r: B×T×D → B×R×T×T."""
     batch, length, width = vectors.shape
     head_size = width // num_heads
-    heads = vectors.view(batch, length, num_heads, head_size).transpose(1, 2)
+    heads = vectors.reshape(batch, length, num_heads, head_size).transpose(1, 2)
     scores = heads @ heads.transpose(-1, -2) / math.sqrt(head_size)
     if mask is not None:
         # dtype.min rather than −inf: padded keys still get exactly zero probability, fully padded rows

@@ -1,12 +1,41 @@
-"""Logit-based distillation losses. Notation: z logits, p = softmax(z/τ), t teacher, s student."""
+"""Logit-based distillation losses. Notation: z logits, p = softmax(z/τ), t teacher, s student, y label.
+
+Every function computes in float32 when given bf16/fp16 logits and reduces to a scalar. The losses that are a
+mean over samples accept a keyword-only ``sample_weight`` (one weight per sample, mean 1): their batch mean
+mean_n ℓ_n becomes mean_n w_n·ℓ_n, which is how importance (Fisher) weights plug in. Logits may have any
+leading shape [..., C]; "sample" then means one row of C logits, and ``sample_weight`` has the leading shape.
+Logits must be finite: mask classes out with a large negative number, not −inf (0·log 0 terms would be NaN).
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cross_entropy", "kd"]
+__all__ = [
+    "cross_entropy",
+    "dist",
+    "dkd",
+    "jsd",
+    "kd",
+    "mlkd",
+    "nkd",
+    "ofa",
+    "reverse_kl",
+    "sinkhorn",
+    "skew_kl",
+    "skew_reverse_kl",
+    "standardize_logits",
+    "tvd",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
 
 
 def _float32(x: Tensor) -> Tensor:
@@ -14,17 +43,350 @@ def _float32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _log_probs(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """log softmax(z/τ) over the last axis, in float32 at least."""
+    return F.log_softmax(_float32(logits) / temperature, dim=-1)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_c p_c (log p_c − log q_c) over the last axis, one value per row."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+    """log(w·p + (1−w)·q) from log-probabilities, without leaving log space.
+
+    At w = 0 and w = 1 the mixture *is* q or p, so those ends are returned as they are (log 0 is not a float).
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"a mixture weight must lie in [0, 1], got {weight}")
+    if weight == 0.0:
+        return log_q
+    if weight == 1.0:
+        return log_p
+    return torch.logaddexp(log_p + math.log(weight), log_q + math.log1p(-weight))
+
+
+def _batch_mean(per_sample: Tensor, sample_weight: Tensor | None) -> Tensor:
+    """mean_n ℓ_n, or mean_n w_n·ℓ_n with importance weights (mean 1, so the unweighted scale is kept)."""
+    if sample_weight is None:
+        return per_sample.mean()
+    if sample_weight.shape != per_sample.shape:
+        raise ValueError(
+            f"sample_weight has shape {tuple(sample_weight.shape)} but the loss has one value per sample, "
+            f"shape {tuple(per_sample.shape)}"
+        )
+    return (sample_weight.to(per_sample.dtype) * per_sample).mean()
+
+
+def _at_target(x: Tensor, target: Tensor) -> Tensor:
+    """x[..., y]: the entry of the label's class in each row."""
+    return x.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _non_target(logits: Tensor, target: Tensor) -> Tensor:
+    """The C−1 logits of the classes other than the label, in their original order: [..., C] → [..., C−1].
+
+    The target column is removed, not pushed down by a large constant, so it cannot leak into a softmax over
+    the non-target classes however large it is. (A gather, not boolean indexing: no host-device sync.)
+    """
+    j = torch.arange(logits.shape[-1] - 1, device=logits.device)
+    return logits.gather(-1, j + (j >= target.long().unsqueeze(-1)))  # skip column y: j ↦ j for j < y, else j + 1
+
+
+def _rows(probs: Tensor) -> Tensor:
+    """[..., C] → [N, C]: the batch-level losses (DIST, Sinkhorn, MLKD) relate all rows to one another."""
+    return probs.reshape(-1, probs.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Label loss and logit standardization
+
+
 def cross_entropy(student_logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy with hard labels (batch mean): −mean_n log softmax(z_s)[y]."""
     return F.cross_entropy(_float32(student_logits), target, label_smoothing=label_smoothing)
 
 
-def kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024).
+
+    z ↦ (z − mean_c z) / (std_c z + eps) per sample, with the unbiased (Bessel-corrected) std as in the
+    authors' code. Teacher and student then match the *shape* of their logits, not their scale and shift.
+    """
+    z = _float32(logits)
+    return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Divergences between the two softmax distributions
+
+
+def kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float | Tensor = 4.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
     """Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
 
     τ² · mean_n KL(p_t ‖ p_s) with p = softmax(z/τ). The τ² keeps gradient magnitudes comparable across τ.
+    ``temperature`` may be a 0-d tensor that requires grad: that is CTKD's loss (Li et al., AAAI 2023), where
+    the τ² factor and the softmaxes are differentiated with respect to the learned temperature.
     """
-    log_p_s = F.log_softmax(_float32(student_logits) / temperature, dim=-1)
-    log_p_t = F.log_softmax(_float32(teacher_logits) / temperature, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return kl.mean() * temperature**2
+    per_sample = _kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
+    return _batch_mean(per_sample, sample_weight) * temperature**2
+
+
+def reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Reverse KL, mode-seeking (as in MiniLLM, Gu et al., ICLR 2024): τ² · mean_n KL(p_s ‖ p_t)."""
+    per_sample = _kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
+    return _batch_mean(per_sample, sample_weight) * temperature**2
+
+
+def jsd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Generalized Jensen-Shannon divergence (the β family of GKD, Agarwal et al., ICLR 2024).
+
+    M = β·p_t + (1−β)·p_s;  JSD_β = (1−β)·KL(p_t ‖ M) + β·KL(p_s ‖ M), batch mean.
+
+    The weights are chosen so that the family is continuous at both ends and reaches the two KLs there:
+    β = 0 gives M = p_s and KL(p_t ‖ p_s) (forward), β = 1 gives M = p_t and KL(p_s ‖ p_t) (reverse); β = ½ is
+    the usual JSD. (Weighting KL(p_t ‖ M) by β instead, as some implementations do, sends the value to 0 at
+    both ends, so special-casing β ∈ {0, 1} as the KLs makes it jump.)
+    """
+    log_p_s = _log_probs(student_logits, temperature)
+    log_p_t = _log_probs(teacher_logits, temperature)
+    log_m = _log_mixture(log_p_t, log_p_s, beta)
+    per_sample = (1.0 - beta) * _kl(log_p_t, log_m) + beta * _kl(log_p_s, log_m)
+    return _batch_mean(per_sample, sample_weight)
+
+
+def tvd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Total variation distance (as in Wen et al., ACL 2023, f-divergence KD): mean_n ½·Σ_c |p_t,c − p_s,c|."""
+    p_s = _log_probs(student_logits, temperature).exp()
+    p_t = _log_probs(teacher_logits, temperature).exp()
+    return _batch_mean(0.5 * (p_t - p_s).abs().sum(-1), sample_weight)
+
+
+def skew_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Skew forward KL (DistiLLM, Ko et al., ICML 2024): mean_n KL(p_t ‖ α·p_t + (1−α)·p_s).
+
+    Mixing some teacher into the student's side bounds the divergence (by log 1/α) and its gradients.
+    α = 0 is forward KL.
+    """
+    log_p_s = _log_probs(student_logits, temperature)
+    log_p_t = _log_probs(teacher_logits, temperature)
+    return _batch_mean(_kl(log_p_t, _log_mixture(log_p_t, log_p_s, alpha)), sample_weight)
+
+
+def skew_reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Skew reverse KL (DistiLLM, Ko et al., ICML 2024): mean_n KL(p_s ‖ α·p_s + (1−α)·p_t).
+
+    α = 0 is reverse KL.
+    """
+    log_p_s = _log_probs(student_logits, temperature)
+    log_p_t = _log_probs(teacher_logits, temperature)
+    return _batch_mean(_kl(log_p_s, _log_mixture(log_p_s, log_p_t, alpha)), sample_weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses that use the label
+
+
+def _binary_and_non_target(logits: Tensor, target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """DKD's two views of softmax(z/τ): log [p_y, 1 − p_y] ([..., 2]) and the log-softmax over the non-target
+    classes alone ([..., C−1])."""
+    z = _float32(logits) / temperature
+    z_others = _non_target(z, target)
+    log_total = z.logsumexp(-1)
+    # log(1 − p_y) as a log-sum-exp over the other classes: no cancellation when p_y is close to 1.
+    log_binary = torch.stack([_at_target(z, target) - log_total, z_others.logsumexp(-1) - log_total], dim=-1)
+    return log_binary, z_others.log_softmax(-1)
+
+
+def dkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022), without the warm-up (the method adds it).
+
+    τ² · mean_n [α·TCKD + β·NCKD] with
+      TCKD = KL(b_t ‖ b_s), b = [p_y, 1 − p_y] (target vs. all the rest),
+      NCKD = KL(p̂_t ‖ p̂_s), p̂ = softmax over the non-target logits only (target removed).
+    The paper's decomposition: KL(p_t ‖ p_s) = TCKD + (1 − p_t,y)·NCKD; DKD drops the (1 − p_t,y) coupling.
+    """
+    binary_s, others_s = _binary_and_non_target(student_logits, target, temperature)
+    binary_t, others_t = _binary_and_non_target(teacher_logits, target, temperature)
+    per_sample = alpha * _kl(binary_t, binary_s) + beta * _kl(others_t, others_s)
+    return _batch_mean(per_sample, sample_weight) * temperature**2
+
+
+def nkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    temperature: float = 1.0,
+    gamma: float = 1.5,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
+    Normalized Loss and Customized Soft Labels" (NKD, ICCV 2023).
+
+    mean_n [ −p_t,y · log p_s,y  +  γ·λ² · Σ_{i≠y} −p̂_t,i · log p̂_s,i ]
+    with p at temperature 1 in the target term and p̂ = softmax(z_{≠y}/λ) over the non-target logits, λ the
+    temperature. The target logit is removed before that softmax, so it never enters the non-target term
+    (a bug in one reference implementation let it in).
+    """
+    target_term = -_at_target(_log_probs(teacher_logits).exp(), target) * _at_target(_log_probs(student_logits), target)
+    log_q_s = _log_probs(_non_target(student_logits, target), temperature)
+    q_t = _log_probs(_non_target(teacher_logits, target), temperature).exp()
+    non_target = -(q_t * log_q_s).sum(-1)
+    per_sample = target_term + gamma * temperature**2 * non_target
+    return _batch_mean(per_sample, sample_weight)
+
+
+def ofa(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    eps: float = 1.0,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge Distillation"
+    (OFA, NeurIPS 2023), the logit loss.
+
+    mean_n −Σ_c [(p_t,c + 1[c=y])^ε − 1[c=y]] · log p_s,c. With ε = 1 it is the soft-target cross-entropy
+    −Σ p_t·log p_s = KL(p_t ‖ p_s) + H(p_t); ε > 1 raises the weight of the target class, more so the more
+    confident the teacher is in it.
+    """
+    log_p_s = _log_probs(student_logits, temperature)
+    p_t = _log_probs(teacher_logits, temperature).exp()
+    one_hot = F.one_hot(target.long(), p_t.shape[-1]).to(p_t.dtype)
+    weight = (p_t + one_hot) ** eps - one_hot
+    return _batch_mean(-(weight * log_p_s).sum(-1), sample_weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batch-level losses
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation along ``dim``; eps in the denominator as in the DIST reference code."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+def dist(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Huang et al., "Knowledge Distillation from A Stronger Teacher" (DIST, NeurIPS 2022).
+
+    τ² · [β·(1 − mean_n ρ(p_s[n,:], p_t[n,:])) + γ·(1 − mean_c ρ(p_s[:,c], p_t[:,c]))], ρ the Pearson
+    correlation: inter-class relations per sample, intra-class relations per class across the batch.
+    Matching correlations, not values, tolerates the scale and shift gap to a much stronger teacher.
+    """
+    p_s = _rows(_log_probs(student_logits, temperature).exp())
+    p_t = _rows(_log_probs(teacher_logits, temperature).exp())
+    inter = 1.0 - _pearson(p_s, p_t, dim=1).mean()
+    intra = 1.0 - _pearson(p_s, p_t, dim=0).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+def sinkhorn(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 2.0,
+    epsilon: float = 0.1,
+    iterations: int = 20,
+) -> Tensor:
+    """Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation" (2024).
+
+    Batch-level entropic optimal transport between the student's and the teacher's predictions:
+    cost M[i,j] = ‖p_s,i − p_t,j‖₁ over the B×B pairs, kernel K = exp(−M/ε), then ``iterations`` rounds of
+    Sinkhorn scaling (normalize rows, then columns) give the plan P; the loss is Σ_ij P_ij·M_ij / B.
+
+    The scaling runs in log space (log K = −M/ε) so small ε cannot underflow the kernel; it is the same
+    alternating normalization as the reference, and gradients flow through every iteration as there.
+    After the last (column) step each teacher sample's column of P sums to one, so dividing by B makes the
+    value the mean transport cost per sample; the reference returns the sum and scales it by 1e-3.
+    """
+    p_s = _rows(_log_probs(student_logits, temperature).exp())
+    p_t = _rows(_log_probs(teacher_logits, temperature).exp())
+    cost = torch.cdist(p_s, p_t, p=1)
+    log_plan = -cost / epsilon
+    for _ in range(iterations):
+        log_plan = log_plan - log_plan.logsumexp(dim=1, keepdim=True)
+        log_plan = log_plan - log_plan.logsumexp(dim=0, keepdim=True)
+    return (log_plan.exp() * cost).sum() / cost.shape[1]
+
+
+def mlkd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperatures: Sequence[float] = (2.0, 3.0, 4.0, 5.0, 6.0),
+) -> Tensor:
+    """Jin, Wang, Lin, "Multi-Level Logit Distillation" (MLKD, CVPR 2023), one augmented view.
+
+    Σ_τ [ τ²·mean_n KL(p_t ‖ p_s)                      (instance level)
+        + ‖P_t P_tᵀ − P_s P_sᵀ‖²_F / B                 (batch level: B×B sample-similarity Gram matrices)
+        + ‖P_tᵀ P_t − P_sᵀ P_s‖²_F / C ]               (class level: C×C class-correlation matrices)
+    with P = softmax(Z/τ) the B×C probability matrix, as in the authors' code (τ² on the instance term only).
+    The authors' confidence masks and weak/strong augmentation pair are not part of this loss.
+    """
+    terms = []
+    for tau in temperatures:
+        p_s = _rows(_log_probs(student_logits, tau).exp())
+        p_t = _rows(_log_probs(teacher_logits, tau).exp())
+        instance = kd(student_logits, teacher_logits, tau)
+        batch = (p_t @ p_t.T - p_s @ p_s.T).square().sum() / p_s.shape[0]
+        classes = (p_t.T @ p_t - p_s.T @ p_s).square().sum() / p_s.shape[1]
+        terms += [instance, batch, classes]
+    return torch.stack(terms).sum()

@@ -65,6 +65,14 @@ class Method(nn.Module):
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        """Build learned parts from the shapes of one example batch (called by the Distiller before training,
+        after adapters, so the optimizer sees every parameter). Student features are already adapted."""
+
+    def wants_adapter(self, student_feature: Tensor, teacher_feature: Tensor) -> bool:
+        """Whether this pair's student tensor passes through a learned adapter (asked once, on example shapes)."""
+        return self.adapter != "none"
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.hparams.model_dump().items())
 
@@ -114,7 +122,7 @@ def available(family: str | None = None) -> list[str]:
 def describe(name: str) -> dict[str, Any]:
     """Name, family, paper, default loss weight and hyper-parameter defaults of a method."""
     cls = method_class(name)
-    defaults = {k: f.default for k, f in cls.Params.model_fields.items()}
+    defaults = {k: "required" if f.is_required() else f.default for k, f in cls.Params.model_fields.items()}
     doc = (cls.__doc__ or "").strip().splitlines()
     return {
         "name": name,

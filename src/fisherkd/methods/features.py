@@ -1,19 +1,67 @@
-"""Feature-based methods: losses between tapped student and teacher activations."""
+"""Feature-based methods: losses between tapped student and teacher activations.
+
+Methods that own learned modules (VID's regressors, ReviewKD's fusion blocks) take the channel counts of their
+layer pairs as hyper-parameters: the modules must exist when the optimizer is built, before any batch is seen.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from pydantic import PositiveInt, model_validator
+from torch import Tensor, nn
 
 from fisherkd import functional as Fn
 from fisherkd.methods.base import Hyperparameters, Method, MethodInputs, register
+
+
+def sum_over_pairs(inputs: MethodInputs, loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Σ over the method's layer pairs of ``loss(student, teacher)``, as RepDistiller sums AT's and VID's groups."""
+    return torch.stack([loss(s, t) for s, t in zip(inputs.student_features, inputs.teacher_features)]).sum()
+
+
+def as_map(x: Tensor) -> Tensor:
+    """View any feature as B×C×H×W: B×D vectors become B×D×1×1 and B×T×D tokens B×D×T×1."""
+    if x.dim() == 2:
+        return x[:, :, None, None]
+    if x.dim() == 3:
+        return x.transpose(1, 2).unsqueeze(-1)
+    if x.dim() == 4:
+        return x
+    raise ValueError(f"cannot view a feature of shape {tuple(x.shape)} as a B×C×H×W map")
+
+
+def check_channels(name: str, maps: list[Tensor], expected: tuple[int, ...], side: str) -> None:
+    found = tuple(m.shape[1] for m in maps)
+    if found != expected:
+        raise ValueError(
+            f"{name}: the {side} features have {list(found)} channels but {side}_channels={list(expected)}; "
+            "set the hyper-parameter to the channel counts of the tapped layers, in pair order"
+        )
+
+
+class ChannelLists(Hyperparameters):
+    """Channel counts of the student and teacher layers, one per pair, in pair order."""
+
+    student_channels: tuple[PositiveInt, ...]
+    teacher_channels: tuple[PositiveInt, ...]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ChannelLists:
+        if len(self.student_channels) != len(self.teacher_channels) or not self.student_channels:
+            raise ValueError("student_channels and teacher_channels need one entry per layer pair, as many of each")
+        return self
 
 
 @register("fitnet")
 class FitNet(Method):
     """FitNets hint loss: MSE between the adapted student feature and the teacher's hint layer.
 
-    Paper: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015. Loss weight 100 as in RepDistiller/mdistiller.
+    Paper: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015. Loss mean_pairs mean (r(f_s) − f_t)² with
+    r the distiller's 1×1 conv / linear adapter. Loss weight 100 as in RepDistiller/mdistiller.
     """
 
     family = "feature"
@@ -26,5 +74,167 @@ class FitNet(Method):
         pass
 
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
-        terms = [Fn.fitnet(s, t) for s, t in zip(inputs.student_features, inputs.teacher_features)]
+        channel, sample = inputs.weights.get("channel"), inputs.weights.get("sample")
+        terms = [
+            Fn.fitnet(s, t, channel_weight=channel, sample_weight=sample)
+            for s, t in zip(inputs.student_features, inputs.teacher_features)
+        ]
         return {"fitnet": torch.stack(terms).mean()}
+
+
+@register("at")
+class AT(Method):
+    """Attention transfer: match the normalised spatial attention maps of student and teacher.
+
+    Paper: Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017. Loss Σ_pairs mean_{b,j}
+    (Q_s − Q_t)², Q = vec(mean_c |F_c|^p)/‖·‖₂, p = 2; weight β = 1000 (RepDistiller, mdistiller). Channel counts
+    may differ; spatial sizes must match.
+    """
+
+    family = "feature"
+    paper = "Zagoruyko & Komodakis ICLR 2017, arXiv:1612.03928"
+    default_weight = 1000.0
+    min_pairs = 1
+
+    class Params(Hyperparameters):
+        p: float = 2.0
+
+    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        channel, sample = inputs.weights.get("channel"), inputs.weights.get("sample")
+        loss = sum_over_pairs(
+            inputs, lambda s, t: Fn.at(s, t, self.hparams.p, channel_weight=channel, sample_weight=sample)
+        )
+        return {"at": loss}
+
+
+def _softplus_inverse(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+@register("vid")
+class VID(Method):
+    """Variational information distillation: a Gaussian with learned per-channel variance predicts the teacher.
+
+    Paper: Ahn et al., "Variational Information Distillation for Knowledge Transfer", CVPR 2019. Per pair a regressor
+    μ(f_s) (1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv, to the teacher's channels) and σ²_c = softplus(α_c) + ε
+    (initial σ² = 5); loss Σ_pairs mean ½[(t − μ)²/σ²_c + log σ²_c]; weight 1 (RepDistiller). Needs the channel
+    counts of every pair; vectors and tokens are treated as 1×1 and T×1 maps.
+    """
+
+    family = "feature"
+    paper = "Ahn et al. CVPR 2019, arXiv:1904.05835"
+    default_weight = 1.0
+    min_pairs = 1
+
+    class Params(ChannelLists):
+        init_variance: float = 5.0
+        eps: float = 1e-5
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        h = self.hparams
+        self.regressors = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(s, t, 1, bias=False),
+                nn.ReLU(),
+                nn.Conv2d(t, t, 1, bias=False),
+                nn.ReLU(),
+                nn.Conv2d(t, t, 1, bias=False),
+            )
+            for s, t in zip(h.student_channels, h.teacher_channels)
+        )
+        start = _softplus_inverse(h.init_variance - h.eps)
+        self.variance_logits = nn.ParameterList(nn.Parameter(torch.full((t,), start)) for t in h.teacher_channels)
+
+    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        students = [as_map(s) for s in inputs.student_features]
+        teachers = [as_map(t) for t in inputs.teacher_features]
+        check_channels("vid", students, self.hparams.student_channels, "student")
+        check_channels("vid", teachers, self.hparams.teacher_channels, "teacher")
+        channel, sample = inputs.weights.get("channel"), inputs.weights.get("sample")
+        terms = []
+        for s, t, regressor, logits in zip(students, teachers, self.regressors, self.variance_logits):
+            variance = F.softplus(logits) + self.hparams.eps
+            terms.append(Fn.vid(regressor(s), variance, t, channel_weight=channel, sample_weight=sample))
+        return {"vid": torch.stack(terms).sum()}
+
+
+class _AttentionFusion(nn.Module):
+    """ReviewKD's attention-based fusion (ABF) block for one student stage.
+
+    Reduces the stage to ``mid`` channels; when a deeper stage exists, mixes in its (upsampled) fused map with
+    two per-position sigmoid gates; then resizes to the teacher's resolution and maps to the teacher's channels
+    with a 3×3 conv.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.project = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
+        )
+        self.gate = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        nn.init.kaiming_uniform_(self.reduce[0].weight, a=1)  # the authors' initialisation
+        nn.init.kaiming_uniform_(self.project[0].weight, a=1)
+
+    def forward(self, x: Tensor, deeper: Tensor | None, out_size: torch.Size) -> tuple[Tensor, Tensor]:
+        x = self.reduce(x)
+        if self.gate is not None:
+            if deeper is None:
+                raise ValueError("reviewkd: a fusing stage needs the fused map of the next deeper stage")
+            deeper = F.interpolate(deeper, size=x.shape[-2:], mode="nearest")
+            z = self.gate(torch.cat([x, deeper], 1))
+            x = x * z[:, :1] + deeper * z[:, 1:]
+        if x.shape[-2:] != out_size:
+            x = F.interpolate(x, size=out_size, mode="nearest")
+        return self.project(x), x
+
+
+@register("reviewkd")
+class ReviewKD(Method):
+    """Knowledge review: fuse each student stage with all deeper ones, then match every teacher stage with HCL.
+
+    Paper: Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021. List the pairs from shallow to deep;
+    stage j's fused map is ABF_j(f_s,j, fused_{j+1}) (residual learning from the deepest stage up), and the loss is
+    hcl(fused, teacher) with pooled levels 4, 2, 1 (see :func:`fisherkd.functional.hcl`), ramped in linearly over the
+    first ``warmup_epochs`` epochs (20, as the authors). The authors tap the teacher before its ReLUs (pre-activation)
+    and add the pooled penultimate vectors as the deepest pair. Weight 5: the authors' CIFAR-100 value for most pairs
+    (wrn-40-2 → wrn-16-2 / wrn-40-1 / ShuffleV1, resnet32x4 → resnet8x4 / ShuffleV1; they use 8, 0.6 and 1 elsewhere).
+
+    The fusion modules are this method's own (built from ``student_channels``/``teacher_channels``), not the
+    distiller's per-pair adapters: fusing a stage with the deeper stages cannot be done pair by pair.
+    """
+
+    family = "feature"
+    paper = "Chen et al. CVPR 2021, arXiv:2104.09044"
+    default_weight = 5.0
+    min_pairs = 1
+
+    class Params(ChannelLists):
+        levels: tuple[PositiveInt, ...] = (4, 2, 1)
+        warmup_epochs: float = 20.0
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        h = self.hparams
+        mid = min(512, h.student_channels[-1])  # the authors' width of the fusion path
+        last = len(h.student_channels) - 1
+        self.fusions = nn.ModuleList(
+            _AttentionFusion(s, mid, t, fuse=j < last)
+            for j, (s, t) in enumerate(zip(h.student_channels, h.teacher_channels))
+        )
+
+    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        students = [as_map(s) for s in inputs.student_features]
+        teachers = [as_map(t) for t in inputs.teacher_features]
+        check_channels("reviewkd", students, self.hparams.student_channels, "student")
+        check_channels("reviewkd", teachers, self.hparams.teacher_channels, "teacher")
+        fused, deeper = [], None
+        for student, teacher, fusion in reversed(list(zip(students, teachers, self.fusions))):
+            out, deeper = fusion(student, deeper, teacher.shape[-2:])
+            fused.append(out)
+        fused.reverse()
+        loss = Fn.hcl(fused, teachers, self.hparams.levels, sample_weight=inputs.weights.get("sample"))
+        warmup = self.hparams.warmup_epochs
+        ramp = min(1.0, float(inputs.epoch) / warmup) if warmup > 0 else 1.0
+        return {"reviewkd": loss * ramp}

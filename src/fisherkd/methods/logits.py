@@ -1,11 +1,25 @@
-"""Logit-based methods (and the label cross-entropy they are usually paired with)."""
+"""Logit-based methods (and the label cross-entropy they are usually paired with).
+
+Every logit method shares two things, written once in :class:`LogitMethod`: the ``standardize`` option of
+Logit Standardization (Sun et al., CVPR 2024), which z-scores both logit vectors per sample before the loss,
+and the per-sample importance weights ``inputs.weights["sample"]`` that the per-sample losses accept.
+"""
 
 from __future__ import annotations
 
-from torch import Tensor
+import math
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
 
 from fisherkd import functional as Fn
 from fisherkd.methods.base import Hyperparameters, Method, MethodInputs, register
+
+Positive = Annotated[float, Field(gt=0.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 @register("ce")
@@ -24,19 +38,343 @@ class CrossEntropy(Method):
         return {"ce": Fn.cross_entropy(inputs.student_logits, inputs.target, self.hparams.label_smoothing)}
 
 
+class LogitParams(Hyperparameters):
+    """Hyper-parameters every logit method has."""
+
+    standardize: bool = False  # Logit Standardization: z-score each sample's logits before the loss
+
+
+class LogitMethod(Method):
+    """A loss between student and teacher logits. Subclasses implement :meth:`loss`; the term is named after
+    the method."""
+
+    family = "logit"
+    Params = LogitParams
+
+    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        student, teacher = inputs.student_logits, inputs.teacher_logits
+        if self.hparams.standardize:
+            student, teacher = Fn.standardize_logits(student), Fn.standardize_logits(teacher)
+        return {self.name: self.loss(student, teacher, inputs)}
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _sample_weight(inputs: MethodInputs) -> Tensor | None:
+    return inputs.weights.get("sample")
+
+
+def _ramp(epoch: Tensor | float, epochs: float, like: Tensor) -> Tensor:
+    """min(epoch / epochs, 1) (clamped at 0) as a tensor on ``like``'s device: no host sync for tensor epochs."""
+    if epochs <= 0:
+        return torch.ones((), dtype=like.dtype, device=like.device)
+    return (torch.as_tensor(epoch, dtype=like.dtype, device=like.device) / epochs).clamp(0.0, 1.0)
+
+
 @register("kd")
-class KD(Method):
+class KD(LogitMethod):
     """Hinton KD: τ²·KL(p_t ‖ p_s) at temperature τ. Authors' CIFAR setting: τ=4, KD 0.9 with CE 0.1.
 
     Paper: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
 
-    family = "logit"
     paper = "Hinton et al. 2015, arXiv:1503.02531"
     default_weight = 0.9
 
-    class Params(Hyperparameters):
-        temperature: float = 4.0
+    class Params(LogitParams):
+        temperature: Positive = 4.0
 
-    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
-        return {"kd": Fn.kd(inputs.student_logits, inputs.teacher_logits, self.hparams.temperature)}
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        return Fn.kd(student, teacher, self.hparams.temperature, sample_weight=_sample_weight(inputs))
+
+
+@register("ls_kd")
+class LogitStandardizedKD(KD):
+    """KD on standardized logits: τ²·KL(p_t ‖ p_s), p = softmax(((z − mean z)/std z)/τ). τ=2, KD 9 with CE 0.1.
+
+    Paper: Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024. Standardizing removes the
+    need for the student to match the teacher's logit scale and shift; the authors' CIFAR setting is base
+    temperature 2 and KD weight 9 (``--logit-stand --base-temp 2 --kd-weight 9``).
+    """
+
+    paper = "Sun et al. CVPR 2024, arXiv:2403.01427"
+    default_weight = 9.0
+
+    class Params(KD.Params):
+        standardize: bool = True
+        temperature: Positive = 2.0
+
+
+@register("dkd")
+class DKD(LogitMethod):
+    """Decoupled KD: τ²(α·TCKD + β·NCKD), linearly warmed up over the first epochs. τ=4, α=1, β=8, CE 1.
+
+    Paper: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022. TCKD = KL(b_t ‖ b_s) on the binary
+    target-vs-rest probabilities b = [p_y, 1 − p_y]; NCKD = KL(p̂_t ‖ p̂_s) on the softmax over the non-target
+    classes. KL(p_t ‖ p_s) = TCKD + (1 − p_t,y)·NCKD; DKD weights the two parts freely. The loss is multiplied
+    by min(epoch / warmup_epochs, 1) (``inputs.epoch``, a float or a 0-d tensor), as in the authors' code.
+    """
+
+    paper = "Zhao et al. CVPR 2022, arXiv:2203.08679"
+    default_weight = 1.0
+    needs_target = True
+
+    class Params(LogitParams):
+        alpha: NonNegative = 1.0
+        beta: NonNegative = 8.0
+        temperature: Positive = 4.0
+        warmup_epochs: NonNegative = 20.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        value = Fn.dkd(
+            student, teacher, inputs.target, h.alpha, h.beta, h.temperature, sample_weight=_sample_weight(inputs)
+        )
+        return _ramp(inputs.epoch, h.warmup_epochs, value) * value
+
+
+@register("nkd")
+class NKD(LogitMethod):
+    """Normalized KD: −p_t,y·log p_s,y + γλ²·Σ_{i≠y} −p̂_t,i·log p̂_s,i. λ=1, γ=1.5, NKD 1 with CE 1.
+
+    Paper: Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
+    Normalized Loss and Customized Soft Labels", ICCV 2023. p̂ = softmax(z_{≠y}/λ) over the non-target logits
+    only; the target logit is removed, so it never enters the non-target term.
+    """
+
+    paper = "Yang et al. ICCV 2023, arXiv:2303.13005"
+    default_weight = 1.0
+    needs_target = True
+
+    class Params(LogitParams):
+        temperature: Positive = 1.0
+        gamma: NonNegative = 1.5
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        return Fn.nkd(student, teacher, inputs.target, h.temperature, h.gamma, sample_weight=_sample_weight(inputs))
+
+
+@register("dist")
+class DIST(LogitMethod):
+    """DIST: τ²[β(1 − mean_n ρ(p_s[n,:], p_t[n,:])) + γ(1 − mean_c ρ(p_s[:,c], p_t[:,c]))]. β=γ=1, τ=4 (CIFAR).
+
+    Paper: Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022. ρ is the Pearson
+    correlation: inter-class relations within each sample and intra-class relations across the batch.
+    """
+
+    paper = "Huang et al. NeurIPS 2022, arXiv:2205.10536"
+    default_weight = 1.0
+
+    class Params(LogitParams):
+        beta: NonNegative = 1.0
+        gamma: NonNegative = 1.0
+        temperature: Positive = 4.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        return Fn.dist(student, teacher, h.beta, h.gamma, h.temperature)
+
+
+@register("reverse_kl")
+class ReverseKL(LogitMethod):
+    """Reverse KL: τ²·KL(p_s ‖ p_t), mode-seeking. τ=1.
+
+    Paper: Gu et al., "MiniLLM: Knowledge Distillation of Large Language Models", ICLR 2024 (which optimizes the
+    sequence-level reverse KL with policy gradients; this is its token-level form).
+    """
+
+    paper = "Gu et al. ICLR 2024, arXiv:2306.08543"
+
+    class Params(LogitParams):
+        temperature: Positive = 1.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        return Fn.reverse_kl(student, teacher, self.hparams.temperature, sample_weight=_sample_weight(inputs))
+
+
+@register("jsd")
+class JSD(LogitMethod):
+    """Generalized JSD: (1−β)·KL(p_t ‖ M) + β·KL(p_s ‖ M), M = β·p_t + (1−β)·p_s. β=0.5, τ=1.
+
+    Paper: Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
+    (GKD), ICLR 2024. Continuous in β: β→0 is forward KL(p_t ‖ p_s), β→1 reverse KL(p_s ‖ p_t).
+    """
+
+    paper = "Agarwal et al. ICLR 2024, arXiv:2306.13649"
+
+    class Params(LogitParams):
+        beta: Fraction = 0.5
+        temperature: Positive = 1.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        return Fn.jsd(student, teacher, h.beta, h.temperature, sample_weight=_sample_weight(inputs))
+
+
+@register("tvd")
+class TVD(LogitMethod):
+    """Total variation distance: ½·Σ_c |p_t,c − p_s,c|. τ=1.
+
+    Paper: Wen et al., "f-Divergence Minimization for Sequence-Level Knowledge Distillation", ACL 2023.
+    """
+
+    paper = "Wen et al. ACL 2023, arXiv:2307.15190"
+
+    class Params(LogitParams):
+        temperature: Positive = 1.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        return Fn.tvd(student, teacher, self.hparams.temperature, sample_weight=_sample_weight(inputs))
+
+
+@register("skew_kl")
+class SkewKL(LogitMethod):
+    """Skew forward KL: KL(p_t ‖ α·p_t + (1−α)·p_s). α=0.1, τ=1.
+
+    Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models", ICML 2024.
+    """
+
+    paper = "Ko et al. ICML 2024, arXiv:2402.03898"
+
+    class Params(LogitParams):
+        alpha: Fraction = 0.1
+        temperature: Positive = 1.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        return Fn.skew_kl(student, teacher, h.alpha, h.temperature, sample_weight=_sample_weight(inputs))
+
+
+@register("skew_reverse_kl")
+class SkewReverseKL(LogitMethod):
+    """Skew reverse KL: KL(p_s ‖ α·p_s + (1−α)·p_t). α=0.1, τ=1.
+
+    Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models", ICML 2024.
+    """
+
+    paper = "Ko et al. ICML 2024, arXiv:2402.03898"
+
+    class Params(LogitParams):
+        alpha: Fraction = 0.1
+        temperature: Positive = 1.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        return Fn.skew_reverse_kl(student, teacher, h.alpha, h.temperature, sample_weight=_sample_weight(inputs))
+
+
+@register("sinkhorn")
+class Sinkhorn(LogitMethod):
+    """SinKD: batch-level Sinkhorn distance Σ_ij P_ij·‖p_s,i − p_t,j‖₁ / B. τ=2, ε=0.1, 20 iterations.
+
+    Paper: Cui et al., "SinKD: Sinkhorn Distance Minimization for Knowledge Distillation", 2024. The plan P
+    comes from ``iterations`` rounds of row/column scaling of the kernel exp(−M/ε). The value is a mean over
+    the batch (the reference code sums over the batch and scales by 1e-3), so the loss weight here does not
+    depend on the batch size; 1.0 is this library's default, not a number from the paper.
+    """
+
+    paper = "Cui et al. 2024, arXiv:2402.17110"
+
+    class Params(LogitParams):
+        temperature: Positive = 2.0
+        epsilon: Positive = 0.1
+        iterations: Annotated[int, Field(ge=1)] = 20
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        return Fn.sinkhorn(student, teacher, h.temperature, h.epsilon, h.iterations)
+
+
+@register("ofa")
+class OFA(LogitMethod):
+    """OFA logit loss: −Σ_c [(p_t,c + 1[c=y])^ε − 1[c=y]]·log p_s,c. ε=1, τ=1, OFA 1 with CE 1.
+
+    Paper: Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge
+    Distillation", NeurIPS 2023. Only the loss on the final logits; the paper also applies it to logits
+    projected from intermediate stages (give those as separate terms). ε=1 is the soft-target cross-entropy.
+    """
+
+    paper = "Hao et al. NeurIPS 2023, arXiv:2310.19444"
+    default_weight = 1.0
+    needs_target = True
+
+    class Params(LogitParams):
+        eps: Positive = 1.0
+        temperature: Positive = 1.0
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        h = self.hparams
+        return Fn.ofa(student, teacher, inputs.target, h.eps, h.temperature, sample_weight=_sample_weight(inputs))
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the backward pass multiplies the gradient by −strength (Ganin & Lempitsky, 2015)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, strength: Tensor) -> Tensor:
+        ctx.save_for_backward(strength)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (strength,) = ctx.saved_tensors
+        return -strength * grad, None
+
+
+@register("ctkd")
+class CTKD(LogitMethod):
+    """Curriculum temperature KD: KD at a learned temperature τ = 1 + 20·σ(θ) that is trained adversarially.
+
+    Paper: Li et al., "Curriculum Temperature for Knowledge Distillation", AAAI 2023 (global temperature).
+    Loss τ²·KL(p_t ‖ p_s) at τ = τ_min + τ_range·σ(θ). θ is a parameter of this method (initialized at 1, as in
+    the authors' code, so τ starts near 15.6) and reaches θ through a gradient-reversal layer: the optimizer
+    moves θ to *increase* the KD loss while the student decreases it. The reversal strength follows the
+    authors' cosine curriculum λ = λ_max·(1 − cos(π·min(epoch/curriculum_epochs, 1)))/2, from 0 to λ_max.
+    Authors' weights: KD 0.9 with CE 0.1.
+    """
+
+    paper = "Li et al. AAAI 2023, arXiv:2211.16231"
+    default_weight = 0.9
+
+    class Params(LogitParams):
+        temperature_min: Positive = 1.0
+        temperature_range: Positive = 20.0
+        max_reversal: NonNegative = 1.0
+        curriculum_epochs: Positive = 10.0
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        self.theta = nn.Parameter(torch.ones(()))
+
+    def temperature(self, epoch: Tensor | float = math.inf) -> Tensor:
+        """τ(θ), with the gradient to θ reversed at the curriculum strength of ``epoch`` (full by default)."""
+        h = self.hparams
+        progress = _ramp(epoch, h.curriculum_epochs, self.theta.detach())
+        strength = h.max_reversal * (1.0 - torch.cos(math.pi * progress)) / 2.0
+        theta = _ReverseGradient.apply(self.theta, strength)
+        return h.temperature_min + h.temperature_range * torch.sigmoid(theta)
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        tau = self.temperature(inputs.epoch)
+        return Fn.kd(student, teacher, tau, sample_weight=_sample_weight(inputs))
+
+
+@register("mlkd")
+class MLKD(LogitMethod):
+    """Multi-level logit distillation: instance, batch and class alignment at τ ∈ {2,…,6}. KD 0.9 with CE 0.1.
+
+    Paper: Jin, Wang, Lin, "Multi-Level Logit Distillation", CVPR 2023. Σ_τ [τ²·KL(p_t ‖ p_s)
+    + ‖P_tP_tᵀ − P_sP_sᵀ‖²/B + ‖P_tᵀP_t − P_sᵀP_s‖²/C] with P the B×C probability matrix at τ. The authors'
+    prediction augmentation (weak/strong views) and confidence masks are not included.
+    """
+
+    paper = "Jin et al. CVPR 2023"
+    default_weight = 0.9
+
+    class Params(LogitParams):
+        temperatures: tuple[Positive, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
+
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        return Fn.mlkd(student, teacher, self.hparams.temperatures)

@@ -1,0 +1,100 @@
+"""The ``fisherkd`` command line: train, eval, methods, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fisherkd.config import ConfigError, load_config
+
+console = Console()
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from fisherkd.run import train
+
+    config = load_config(args.config, args.overrides)
+    if args.resume:
+        summary = train(config, run_dir=args.resume, resume=True)
+    else:
+        summary = train(config)
+    console.print_json(json.dumps(summary))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from fisherkd.run import evaluate_run
+
+    console.print_json(json.dumps(evaluate_run(args.run_dir, args.checkpoint)))
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from fisherkd.methods import available, describe
+
+    rows = [describe(name) for name in available(args.family)]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title="FisherKD methods")
+    for column in ("name", "family", "loss weight", "defaults", "paper"):
+        table.add_column(column)
+    for row in rows:
+        defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
+        table.add_row(row["name"], row["family"], f"{row['default_weight']:g}", defaults, row["paper"])
+    console.print(table)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from fisherkd.demo import run_demo
+
+    run_demo(output_dir=Path(args.output), seeds=args.seeds, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fisherkd", description="Knowledge distillation with Fisher weighting.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a student from a YAML config")
+    train.add_argument("config", help="YAML file")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5 methods.1.temperature=2")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR exactly")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint on the test split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    evaluate.set_defaults(func=cmd_eval)
+
+    methods = sub.add_parser("methods", help="list the registered distillation methods")
+    methods.add_argument("--json", action="store_true", help="machine-readable: name, family, defaults, paper")
+    methods.add_argument("--family", help="only this family (logit, feature, relation, attention, ...)")
+    methods.set_defaults(func=cmd_methods)
+
+    demo = sub.add_parser("demo", help="distil a 1-D CNN into an MLP on MNIST-1D and compare methods")
+    demo.add_argument("--output", default="runs/demo", help="where the runs, table and plots go")
+    demo.add_argument("--seeds", type=int, default=2)
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, KeyError, FileNotFoundError, ValueError, TypeError, ImportError) as err:
+        if os.environ.get("FISHERKD_DEBUG"):
+            raise
+        message = err.args[0] if err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

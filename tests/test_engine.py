@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from fisherkd.config import ScheduleConfig, TrainConfig, build_config
+from fisherkd.data import ArrayDataset, DataSplits
+from fisherkd.distiller import Distiller
+from fisherkd.engine import Trainer, load_checkpoint
+from fisherkd.engine.schedule import lr_factor
+from fisherkd.run import train
+from fisherkd.tracking import read_metrics
+
+
+def toy_splits(n: int = 96, seed: int = 0) -> DataSplits:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + 32, 40, generator=g)
+    y = (x[:, :10].sum(1) > 0).long() + 2 * (x[:, 10:20].sum(1) > 0).long()
+    return DataSplits("toy", ArrayDataset(x[:n], y[:n]), ArrayDataset(x[n:], y[n:]), 4, (40,))
+
+
+def toy_config(tmp_path, **train) -> dict:
+    return {
+        "name": "toy",
+        "output_dir": str(tmp_path / "runs"),
+        "teacher": {"name": "cnn1d", "train": {"epochs": 2, "batch_size": 32, "log_every": 1}},
+        "student": {"name": "mlp", "kwargs": {"hidden": [16]}},
+        "methods": [
+            {"name": "ce", "weight": 0.1},
+            {"name": "kd", "weight": 0.9},
+            {"name": "fitnet", "weight": 1.0, "pairs": [["features", "features"]]},
+        ],
+        "train": {
+            "epochs": 3, "batch_size": 16, "log_every": 1,
+            "optimizer": {"name": "sgd", "lr": 0.05},
+            "schedule": {"name": "cosine", "warmup_epochs": 1},
+            "augment": {"noise": 0.1, "mixup_alpha": 0.5, "crop_padding": 2},
+            **train,
+        },
+    }
+
+
+def step_losses(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
+    monkeypatch.setenv("FISHERKD_CACHE", str(tmp_path / "cache"))
+    splits = toy_splits()
+    config = build_config(toy_config(tmp_path))
+    full = train(config, run_dir=tmp_path / "full", splits=splits)
+    # stop mid-epoch 2 (steps_per_epoch = 6), then resume in the same directory
+    stopped = train(config, run_dir=tmp_path / "cut", splits=splits, stop_after_steps=8)
+    assert stopped == {"stopped_at_step": 8}
+    resumed = train(config, run_dir=tmp_path / "cut", splits=splits, resume=True)
+    expected, got = step_losses(tmp_path / "full"), step_losses(tmp_path / "cut")
+    assert [s for s, _ in got] == list(range(1, 19))
+    assert got == expected  # bit-identical losses at every step
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    weights_full = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["distiller"]
+    weights_cut = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["distiller"]
+    assert all(torch.equal(weights_full[k], weights_cut[k]) for k in weights_full)
+
+
+def test_run_directory_contents_and_atomic_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("FISHERKD_CACHE", str(tmp_path / "cache"))
+    summary = train(build_config(toy_config(tmp_path, epochs=1)), splits=toy_splits())
+    run_dir = tmp_path / "runs" / "toy"
+    for name in ["config.yaml", "metrics.jsonl", "metrics.csv", "summary.json", "plots/curves.png",
+                 "checkpoints/last.pt", "checkpoints/best.pt"]:
+        assert (run_dir / name).exists(), name
+    assert not list(run_dir.rglob("*.tmp*"))
+    assert {"test_accuracy", "test_agreement", "test_kl", "test_ece", "teacher"} <= set(summary)
+    # a second run with the same name never overwrites the first
+    train(build_config(toy_config(tmp_path, epochs=1)), splits=toy_splits())
+    assert (tmp_path / "runs" / "toy_1" / "summary.json").exists()
+
+
+def test_teacher_is_trained_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("FISHERKD_CACHE", str(tmp_path / "cache"))
+    config = build_config(toy_config(tmp_path, epochs=1))
+    first = train(config, splits=toy_splits())
+    second = train(config, splits=toy_splits())
+    assert first["teacher"]["source"] == "trained" and second["teacher"]["source"] == "cache"
+    assert first["test_teacher_accuracy"] == second["test_teacher_accuracy"]
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 1
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    splits = toy_splits(n=64)
+
+    def one_epoch(batch_size: int, accum: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        student = torch.nn.Sequential(torch.nn.Linear(40, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        config = TrainConfig(
+            epochs=1, batch_size=batch_size, grad_accum=accum, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.0,
+                                                                            "weight_decay": 0.0},
+            schedule={"name": "constant"},
+        )
+        trainer = Trainer(Distiller(student, None, ["ce"]), splits, config)
+        trainer.loader.shuffle = False
+        trainer.fit()
+        return student.state_dict()
+
+    full, accumulated = one_epoch(32, 1), one_epoch(16, 2)
+    assert all(torch.allclose(full[k], accumulated[k], atol=1e-6) for k in full)
+
+
+def test_schedules_match_hand_computed_values():
+    cosine = ScheduleConfig(name="cosine", warmup_epochs=1)
+    # 10 steps per epoch, 100 in total: warm-up over the first 10
+    assert lr_factor(0, 10, 100, cosine) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, cosine) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, cosine) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    step = ScheduleConfig(name="step", milestones=[3, 6], gamma=0.1)
+    assert [lr_factor(s, 10, 100, step) for s in (29, 30, 59, 60)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+    assert lr_factor(77, 10, 100, ScheduleConfig(name="constant")) == 1.0
+
+
+def test_too_large_a_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="batch_size=64 × grad_accum=4 exceeds the 96"):
+        Trainer(Distiller(torch.nn.Linear(40, 4), None, ["ce"]), toy_splits(), TrainConfig(batch_size=64, grad_accum=4))
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(tmp_path / "evil.pt")
