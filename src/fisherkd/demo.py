@@ -17,14 +17,13 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from fisherkd.config import build_config
 from fisherkd.data import load_dataset
+from fisherkd.engine.trainer import _make_progress
 from fisherkd.plots import plot_comparison
 from fisherkd.run import get_teacher, train
-from fisherkd.engine.trainer import _make_progress
 
 console = Console()
 

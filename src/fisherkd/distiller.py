@@ -231,6 +231,13 @@ class Distiller(nn.Module):
         total = torch.stack([v.float() for v in losses.values()]).sum()
         return DistillOutput(student_logits, teacher_logits, losses, used_weights, total)
 
+    def after_optimizer_step(self) -> None:
+        """Called by the engine after every optimizer step; methods with state between steps (e.g. an EMA
+        teacher or Fisher statistics) update it in their ``after_optimizer_step``."""
+        for module in [*self.methods, self.teacher]:
+            if hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()
+
     def close(self) -> None:
         """Remove every forward hook this distiller placed on the student and the teacher."""
         self.student_taps.close()

@@ -13,7 +13,7 @@ from rich.progress import Progress
 from torch import nn
 
 from fisherkd.config import ModelConfig, RunConfig, TeacherConfig
-from fisherkd.data import DataSplits, load_dataset
+from fisherkd.data import DataSplits, FolderSplits, load_dataset, make_loader
 from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, save_atomic
 from fisherkd.engine.trainer import Trainer, evaluate, resolve_device, seed_everything
@@ -22,7 +22,7 @@ from fisherkd.paths import cache_dir
 from fisherkd.tracking import Tracker
 
 
-def build_model(config: ModelConfig, splits: DataSplits) -> nn.Module:
+def build_model(config: ModelConfig, splits: DataSplits | FolderSplits) -> nn.Module:
     model = create_model(config.name, in_channels=splits.in_channels, num_classes=splits.num_classes, **config.kwargs)
     if config.checkpoint:
         state = load_checkpoint(config.checkpoint)
@@ -38,7 +38,7 @@ def teacher_cache_path(config: TeacherConfig, data: dict[str, Any]) -> Path:
 
 
 def get_teacher(
-    config: RunConfig, splits: DataSplits, progress: Progress | None = None
+    config: RunConfig, splits: DataSplits | FolderSplits, progress: Progress | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The configured teacher: from its checkpoint, from the cache, or trained now with CE and cached.
 
@@ -86,7 +86,7 @@ def train(
     resume: bool = False,
     progress: Progress | None = None,
     stop_after_steps: int | None = None,
-    splits: DataSplits | None = None,
+    splits: DataSplits | FolderSplits | None = None,
 ) -> dict[str, Any]:
     """Train the student of ``config`` and return its summary. With ``resume``, ``run_dir`` must be given."""
     if resume and run_dir is None:
@@ -99,7 +99,7 @@ def train(
     seed_everything(config.seed)
     student = build_model(config.student, splits)
     device = resolve_device(config.device)
-    example = splits.train.x[:2].to(device)
+    example = next(iter(make_loader(splits, "test", 2, shuffle=False, device=device).epoch(0))).x
     distiller = Distiller(student.to(device), teacher.to(device) if teacher else None, config.methods, example)
     tracker = Tracker(run_dir, config.tracking, config.model_dump(mode="json"))
     trainer = Trainer(
@@ -136,10 +136,11 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "last") -> dict[str, Any
     splits = load_dataset(config.data.name, config.data.root)
     teacher = get_teacher(config, splits)[0] if config.teacher else None
     student = build_model(config.student, splits)
-    distiller = Distiller(student, teacher, config.methods, splits.train.x[:2])
+    example = next(iter(make_loader(splits, "test", 2, shuffle=False).epoch(0))).x
+    distiller = Distiller(student, teacher, config.methods, example)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
     distiller.load_state_dict(state["distiller"], strict=False)
     distiller.to(resolve_device(config.device))
-    metrics = evaluate(distiller, splits.test, config.train.eval_batch_size, config.train.amp)
+    metrics = evaluate(distiller, splits, config.train.eval_batch_size, config.train.amp)
     distiller.close()
     return metrics

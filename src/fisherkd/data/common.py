@@ -41,7 +41,7 @@ def require_path(path: str | Path, what: str, how_to_get: str) -> Path:
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> Tensor:
     """The sample order of one epoch, a function of (seed, epoch) only, so a resumed run replays it exactly.
 
-    Same formula as :meth:`DeviceLoader.order`, so array and folder datasets shuffle alike.
+    Shared by :class:`DeviceLoader` and :class:`FolderLoader`, so array and folder datasets shuffle alike.
     """
     if not shuffle:
         return torch.arange(n)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisherkd.data.common import epoch_order
+
 
 @dataclass
 class ArrayDataset:
@@ -79,11 +81,7 @@ class DeviceLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> Tensor:
-        device = self.data.y.device
-        if not self.shuffle:
-            return torch.arange(len(self.data), device=device)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data), generator=generator).to(device)
+        return epoch_order(len(self.data), self.seed, epoch, self.shuffle).to(self.data.y.device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         order = self.order(epoch)

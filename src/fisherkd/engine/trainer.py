@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from fisherkd.config import TrainConfig
-from fisherkd.data import ArrayDataset, DataSplits, DeviceLoader, augment
+from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
 from fisherkd.distiller import Distiller, model_logits
 from fisherkd.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fisherkd.engine.schedule import lr_factor
@@ -48,13 +48,15 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
 
 
 @torch.no_grad()
-def evaluate(distiller: Distiller, data: ArrayDataset, batch_size: int = 1000, amp: str = "auto") -> dict[str, float]:
-    """Student accuracy, ECE and, with a teacher, agreement, KL(p_t‖p_s) at τ=1 and error inheritance."""
+def evaluate(
+    distiller: Distiller, splits: DataSplits | FolderSplits, batch_size: int = 1000, amp: str = "auto"
+) -> dict[str, float]:
+    """Test-split student accuracy, ECE and, with a teacher, agreement, KL(p_t‖p_s) at τ=1 and error inheritance."""
     was_training = distiller.training
     distiller.eval()
     device = next(distiller.student.parameters()).device
     meter = FidelityMeter()
-    loader = DeviceLoader(data.to(device), batch_size, shuffle=False, drop_last=False)
+    loader = make_loader(splits, "test", batch_size, shuffle=False, drop_last=False, device=device)
     with autocast(device, amp):
         for batch in loader.epoch(0):
             student_logits = model_logits(distiller.student(batch.x))
@@ -75,7 +77,7 @@ class Trainer:
     def __init__(
         self,
         distiller: Distiller,
-        splits: DataSplits,
+        splits: DataSplits | FolderSplits,
         config: TrainConfig,
         *,
         device: str | torch.device = "auto",
@@ -99,7 +101,7 @@ class Trainer:
             self.distiller.to(memory_format=torch.channels_last)
         if config.compile:
             self.distiller.student.compile()
-        self.loader = DeviceLoader(splits.train.to(self.device), config.batch_size, shuffle=True, seed=seed)
+        self.loader = make_loader(splits, "train", config.batch_size, shuffle=True, seed=seed, device=self.device)
         self.steps_per_epoch = len(self.loader) // config.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -185,6 +187,7 @@ class Trainer:
                         nn.utils.clip_grad_norm_(self.distiller.trainable_parameters(), config.grad_clip)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    self.distiller.after_optimizer_step()
                     self.scheduler.step()
                     self.step += 1
                     if self.step % config.log_every == 0 or self.step % self.steps_per_epoch == 0:
@@ -211,7 +214,7 @@ class Trainer:
         last = epoch == self.config.epochs
         if epoch % self.config.eval_every and not last:
             return
-        metrics = evaluate(self.distiller, self.splits.test, self.config.eval_batch_size, self.config.amp)
+        metrics = evaluate(self.distiller, self.splits, self.config.eval_batch_size, self.config.amp)
         metrics["epoch"] = epoch
         self.history.append(metrics)
         if self.tracker is not None:
@@ -223,7 +226,7 @@ class Trainer:
             self.save("best")
 
     def _finish(self, seconds: float) -> dict[str, Any]:
-        final = self.history[-1] if self.history else evaluate(self.distiller, self.splits.test)
+        final = self.history[-1] if self.history else evaluate(self.distiller, self.splits)
         summary = {
             **{f"test_{k}": v for k, v in final.items() if k != "epoch"},
             "best_test_accuracy": self.best_accuracy,
