@@ -62,11 +62,62 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
 
 
+class StudentConfig(ModelConfig):
+    dual_head: str | None = Field(
+        None, description="dual-head KD: the student's head module (e.g. head) gets a twin, tapped as <head>.distill"
+    )
+
+
 class TeacherConfig(ModelConfig):
+    """One teacher model (``name``), an ensemble (``members``) or the EMA of the student (``ema_decay``).
+
+    A checkpoint may be a run directory or one of its checkpoints: the student of an earlier run then teaches
+    (born-again self-distillation).
+    """
+
+    name: str | None = Field(None, description="zoo name; leave out for an ensemble (members) or an EMA teacher")
     seed: int = Field(0, description="seed of the teacher's own training; student seeds share one teacher")
     train: TrainConfig = Field(
         default_factory=TrainConfig, description="how to train the teacher when no checkpoint is given (then cached)"
     )
+    members: list[TeacherConfig] = Field(
+        default_factory=list, description="an ensemble of teachers, each trained once and cached like a single one"
+    )
+    member_weights: list[float] | None = Field(None, description="fixed weights of the members (default: equal)")
+    ensemble_average: Literal["probs", "logits"] = Field(
+        "probs", description="average the members' probabilities (default) or their logits"
+    )
+    ensemble_weighting: Literal["fixed", "confidence"] = Field(
+        "fixed", description="confidence: also weight each member per sample by ‖p‖² = 1 − tr F of its prediction"
+    )
+    ema_decay: float | None = Field(
+        None, ge=0, le=1, description="self-distillation: the teacher is an EMA of the student with this decay"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TeacherConfig:
+        kinds = [k for k, given in [("name", self.name), ("members", self.members), ("ema_decay", self.ema_decay)]
+                 if given not in (None, [])]
+        if len(kinds) != 1:
+            raise ValueError(
+                "a teacher is one model (name: ...), an ensemble (members: [...]) or the EMA of the student "
+                f"(ema_decay: ...); got {' and '.join(kinds) or 'none of them'}"
+            )
+        if self.name is None and (self.checkpoint or self.kwargs):
+            raise ValueError("checkpoint and kwargs belong to one teacher model: give its name, or set them per member")
+        if any(m.name is None for m in self.members):
+            raise ValueError("ensemble members must be single models (name: ...), not ensembles or EMA teachers")
+        ensemble_options = self.member_weights is not None or (self.ensemble_average, self.ensemble_weighting) != (
+            "probs",
+            "fixed",
+        )
+        if ensemble_options and not self.members:
+            raise ValueError("member_weights, ensemble_average and ensemble_weighting need members: [...]")
+        if self.member_weights is not None and (
+            len(self.member_weights) != len(self.members) or min(self.member_weights) < 0 or sum(self.member_weights) <= 0
+        ):
+            raise ValueError(f"member_weights: need {len(self.members)} non-negative weights, not all zero")
+        return self
 
 
 class DataConfig(Strict):
@@ -90,7 +141,7 @@ class RunConfig(Strict):
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
-    student: ModelConfig
+    student: StudentConfig
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="ce")])
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -9,6 +9,7 @@ at the CIFAR defaults does not beat a scratch student without it (see DESIGN.md 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from importlib import resources
@@ -28,6 +29,11 @@ from fisherkd.run import get_teacher, train
 console = Console()
 
 PAPER_ACCURACY = {"mlp": 68.0, "cnn1d": 94.0}  # Greydanus 2020, MNIST-1D default split
+
+
+def slug(label: str) -> str:
+    """A directory-safe name: 'kd + fitnet' -> 'kd_fitnet'."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_")
 
 
 def demo_config() -> dict[str, Any]:
@@ -53,7 +59,7 @@ def run_demo(output_dir: Path, seeds: int = 2, overrides: list[str] | None = Non
             summaries = []
             for seed in range(seeds):
                 config = build_config(
-                    {**base.model_dump(mode="json"), **variant, "name": f"{label}-seed{seed}", "seed": seed},
+                    {**base.model_dump(mode="json"), **variant, "name": f"{slug(label)}-seed{seed}", "seed": seed},
                 )
                 summaries.append(train(config, splits=splits, progress=progress))
             results.append(_aggregate(label, variant, summaries))
@@ -88,6 +94,7 @@ def _print_table(results: list[dict], teacher_accuracy: float, base: Any, total:
     table = Table(title=f"MNIST-1D: {base.teacher.name} teacher → {base.student.name} student")
     for column in ("student training", "test acc %", "agreement %", "KL(t‖s)", "ECE %", "s / run"):
         table.add_column(column, justify="right" if column != "student training" else "left")
+    table.add_row(f"teacher ({base.teacher.name})", f"{teacher_accuracy:.1f}", "100.0", "0", "", "", end_section=True)
     for r in results:
         table.add_row(
             r["variant"],
@@ -112,6 +119,7 @@ def _write(output_dir: Path, results: list[dict], teacher_accuracy: float, base:
     lines = [
         "| student training | test acc % | agreement % | KL(t‖s) | ECE % | s / run |",
         "|---|---|---|---|---|---|",
+        f"| teacher ({base.teacher.name}) | {teacher_accuracy:.1f} | 100.0 | 0 | | |",
         *(
             f"| {r['variant']} | {r['accuracy_mean']:.1f} ± {r['accuracy_std']:.1f} | {r['agreement_mean']:.1f} | "
             f"{r['kl_mean']:.3f} | {r['ece_mean']:.1f} | {r['seconds_per_run']:.1f} |"

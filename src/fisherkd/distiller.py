@@ -245,6 +245,9 @@ class Distiller(nn.Module):
             self.teacher_taps.close()
 
     def student_state_dict(self) -> dict[str, Tensor]:
-        """Everything trainable that a checkpoint must keep: the state without the (frozen, cached) teacher."""
+        """Everything trainable that a checkpoint must keep: the state without the (frozen, cached) teacher, unless
+        the teacher changes during training and says so with ``checkpointed = True`` (an EMA of the student)."""
+        if getattr(self.teacher, "checkpointed", False):
+            return self.state_dict()
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
 

@@ -46,7 +46,7 @@ def plot_comparison(
     title: str = "",
 ) -> Path:
     """Bar chart of mean ± std per variant, with horizontal reference lines (e.g. the teacher)."""
-    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2.5, 4))
+    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 4.5, 4))
     bars = ax.bar(labels, means, yerr=stds, capsize=4, color="#4C72B0")
     ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=3)
     for i, (name, value) in enumerate((reference or {}).items()):
@@ -56,7 +56,7 @@ def plot_comparison(
     ax.set_ylim(max(0.0, low - 5), min(100.0, high + 4))
     ax.set(ylabel=ylabel, title=title)
     if reference:
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     fig.tight_layout()
     path = Path(path)

@@ -61,15 +61,20 @@ def test_cc_gradcheck_and_bfloat16():
     assert torch.isfinite(low) and abs(low.item() - high.item()) < 0.1 * high.item()
 
 
-def test_cc_method_embeds_both_sides_and_checks_dims():
-    method = create("cc", student_dim=12, teacher_dim=20)
+def test_cc_method_builds_its_heads_from_shapes_and_checks_sizes():
+    method = create("cc")
+    s, t = torch.randn(4, 3, 2, 2), torch.randn(4, 20)
+    inputs = MethodInputs(torch.zeros(4, 2), student_features=[s], teacher_features=[t])
+    with pytest.raises(RuntimeError, match="example_input="):
+        method(inputs)
+    method.setup([s], [t])
+    assert (method.embed_student.in_features, method.embed_teacher.in_features) == (12, 20)
     assert method.embed_student.out_features == method.embed_teacher.out_features == 128
     assert method.default_weight == 0.02 and (method.hparams.gamma, method.hparams.order) == (0.4, 2)
-    s, t = torch.randn(4, 3, 2, 2), torch.randn(4, 20)
-    assert torch.isfinite(method(MethodInputs(torch.zeros(4, 2), student_features=[s], teacher_features=[t]))["cc"])
-    with pytest.raises(ValueError, match="student_dim=12"):
+    assert torch.isfinite(method(inputs)["cc"])
+    with pytest.raises(ValueError, match="flattens to 5 values, but its head was built for 12"):
         method(MethodInputs(torch.zeros(4, 2), student_features=[torch.randn(4, 5)], teacher_features=[t]))
 
 
 def test_cc_trains():
-    assert_trains({"name": "cc", "pairs": [["block2", "block2"]], "student_dim": 8 * 8 * 8, "teacher_dim": 16 * 8 * 8})
+    assert_trains({"name": "cc", "pairs": [["block2", "block2"]]})

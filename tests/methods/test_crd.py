@@ -72,10 +72,29 @@ def crd_inputs(index=None, batch=3, seed=0):
     return MethodInputs(torch.zeros(batch, 2), student_features=[s], teacher_features=[t], index=index)
 
 
+def built_crd(**hparams):
+    """A CRD method whose heads are built from the shapes of ``crd_inputs`` (4 student, 5 teacher values)."""
+    method = create("crd", **hparams)
+    example = crd_inputs()
+    method.setup(example.student_features, example.teacher_features)
+    return method
+
+
+def test_crd_needs_num_data_and_builds_its_heads_from_shapes():
+    with pytest.raises(TypeError, match="num_data.*one memory-bank row per dataset index"):
+        create("crd")
+    method = create("crd", num_data=10, embed_dim=8)
+    with pytest.raises(RuntimeError, match="example_input="):
+        method(crd_inputs(torch.tensor([0, 1, 2])))
+    method = built_crd(num_data=10, embed_dim=8)
+    assert (method.embed_student.in_features, method.embed_teacher.in_features) == (4, 5)
+    assert method.embed_student.out_features == method.embed_teacher.out_features == 8
+
+
 def test_crd_memory_bank_moves_only_the_rows_at_the_batch_indices():
-    method = create("crd", student_dim=4, teacher_dim=5, num_data=10, nce_k=6, embed_dim=8)
+    method = built_crd(num_data=10, nce_k=6, embed_dim=8)
     assert method.hparams.temperature == 0.07 and method.hparams.momentum == 0.5 and method.default_weight == 0.8
-    assert create("crd", student_dim=4, teacher_dim=5, num_data=10).hparams.nce_k == 16384
+    assert create("crd", num_data=10).hparams.nce_k == 16384
     before_s, before_t = method.student_memory.clone(), method.teacher_memory.clone()
     index = torch.tensor([2, 7, 4])
     inputs = crd_inputs(index)
@@ -99,7 +118,7 @@ def test_crd_memory_bank_moves_only_the_rows_at_the_batch_indices():
 
 
 def test_crd_queue_is_a_bounded_fifo():
-    method = create("crd", student_dim=4, teacher_dim=5, num_data=1000, queue_size=5, embed_dim=8)
+    method = built_crd(num_data=1000, queue_size=5, embed_dim=8)
     assert method.student_memory.shape == method.teacher_memory.shape == (5, 8)
     embeddings = []
     for step in range(4):
@@ -112,7 +131,7 @@ def test_crd_queue_is_a_bounded_fifo():
     latest = torch.cat(embeddings)[-5:]
     rows = torch.arange(7, 12) % 5
     assert torch.allclose(method.student_memory[rows], latest)
-    big = create("crd", student_dim=4, teacher_dim=5, num_data=1000, queue_size=2, embed_dim=8)
+    big = built_crd(num_data=1000, queue_size=2, embed_dim=8)
     big(crd_inputs(batch=3))  # a batch larger than the queue keeps its last rows
     assert big.student_memory.shape == (2, 8) and int(big.queue_pointer) == 0
 
@@ -121,8 +140,8 @@ def train_crd(batches: int, **hparams) -> list[float]:
     """Adam steps cycling over ``batches`` fixed batches of 16 (with their dataset indices); mean loss per cycle."""
     torch.manual_seed(0)
     x, y = tiny_image_batch(16 * batches)
-    spec = {"name": "crd", "weight": 1.0, "pairs": [["block2", "block2"]], "student_dim": 512, "teacher_dim": 1024}
-    distiller = Distiller(TinyCNN(width=4), TinyCNN(width=8), [{**spec, **hparams}])
+    spec = {"name": "crd", "weight": 1.0, "pairs": [["block2", "block2"]]}
+    distiller = Distiller(TinyCNN(width=4), TinyCNN(width=8), [{**spec, **hparams}], example_input=x[:2])
     optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=1e-2)
     losses = []
     for step in range(40):

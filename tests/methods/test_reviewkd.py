@@ -77,7 +77,11 @@ def review_inputs(epoch=0.0):
 
 
 def test_reviewkd_fuses_deep_to_shallow_and_ramps_in():
-    method = create("reviewkd", student_channels=[4, 8, 8], teacher_channels=[6, 12, 12]).eval()
+    method = create("reviewkd").eval()
+    with pytest.raises(RuntimeError, match="example_input="):
+        method(review_inputs())
+    example = review_inputs()
+    method.setup(example.student_features, example.teacher_features)
     assert [f.gate is not None for f in method.fusions] == [True, True, False]  # the deepest stage starts the review
     assert method.fusions[0].reduce[0].out_channels == 8  # min(512, deepest student channels)
     inputs = review_inputs(epoch=10.0)
@@ -90,17 +94,16 @@ def test_reviewkd_fuses_deep_to_shallow_and_ramps_in():
     method(inputs)
     grad = torch.autograd.grad(captured["out"].sum(), inputs.student_features[2])[0]
     assert grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="teacher_channels"):
-        create("reviewkd", student_channels=[4, 8, 8], teacher_channels=[6, 12, 13])(review_inputs())
+    inputs.teacher_features[2] = torch.randn(2, 13)
+    with pytest.raises(ValueError, match=r"teacher features have \[6, 12, 13\] channels.*built for \[6, 12, 12\]"):
+        method(inputs)
 
 
 def test_reviewkd_defaults_and_training():
-    assert create("reviewkd", student_channels=[4], teacher_channels=[8]).default_weight == 5.0
+    assert create("reviewkd").default_weight == 5.0
     spec = {
         "name": "reviewkd",
         "pairs": [["block1", "block1"], ["block2", "block2"], ["head:in", "head:in"]],
-        "student_channels": [4, 8, 8],
-        "teacher_channels": [8, 16, 16],
         "warmup_epochs": 0,
     }
     assert_trains(spec)

@@ -45,18 +45,21 @@ def test_vid_gradcheck_and_bfloat16():
     assert torch.isfinite(low) and abs(low.item() - high.item()) < 0.02 * abs(high.item())
 
 
-def test_vid_method_initial_variance_and_channel_check():
-    method = create("vid", student_channels=[3, 2], teacher_channels=[5, 4])
+def test_vid_builds_from_shapes_with_initial_variance_and_checks_channels():
+    method = create("vid")
+    features = [torch.randn(2, 3, 4, 4), torch.randn(2, 2)], [torch.randn(2, 5, 4, 4), torch.randn(2, 4)]
+    inputs = MethodInputs(torch.zeros(2, 3), student_features=features[0], teacher_features=features[1])
+    with pytest.raises(RuntimeError, match="example_input="):
+        method(inputs)
+    method.setup(*features)
+    assert [(r[0].in_channels, r[-1].out_channels) for r in method.regressors] == [(3, 5), (2, 4)]
     for logits in method.variance_logits:
         assert torch.allclose(torch.nn.functional.softplus(logits) + 1e-5, torch.tensor(5.0))
-    features = [torch.randn(2, 3, 4, 4), torch.randn(2, 2)], [torch.randn(2, 5, 4, 4), torch.randn(2, 4)]
-    out = method(MethodInputs(torch.zeros(2, 3), student_features=features[0], teacher_features=features[1]))
+    out = method(inputs)
     assert out["vid"].shape == () and torch.isfinite(out["vid"])
-    with pytest.raises(ValueError, match="student_channels"):
+    with pytest.raises(ValueError, match=r"student features have \[5, 4\] channels"):
         method(MethodInputs(torch.zeros(2, 3), student_features=features[1], teacher_features=features[1]))
-    with pytest.raises(TypeError, match="one entry per layer pair"):
-        create("vid", student_channels=[3], teacher_channels=[5, 4])
 
 
 def test_vid_trains():
-    assert_trains({"name": "vid", "pairs": [["block2", "block2"]], "student_channels": [8], "teacher_channels": [16]})
+    assert_trains({"name": "vid", "pairs": [["block2", "block2"]]})

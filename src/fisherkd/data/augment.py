@@ -59,7 +59,8 @@ def mixup(x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     The returned label is that of the larger part, so label losses stay hard-label; the teacher sees the same
     mixed input, so distillation losses get the exact soft target for it.
     """
-    lam = torch.distributions.Beta(alpha, alpha).sample((x.shape[0],)).to(x.device)
+    concentration = torch.tensor(float(alpha), device=x.device)  # sampled on the device: no host round trip
+    lam = torch.distributions.Beta(concentration, concentration).sample((x.shape[0],))
     partner = torch.randperm(x.shape[0], device=x.device)
     shape = (-1, *([1] * (x.dim() - 1)))
     mixed = lam.view(shape) * x + (1 - lam.view(shape)) * x[partner]

@@ -145,7 +145,11 @@ def _validate_hparams(cls: type[Method], hparams: dict[str, Any]) -> Hyperparame
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise TypeError(f"method {cls.name!r}, hyper-parameter {where!r}: {first['msg']}") from None
+        message = first["msg"]
+        field = cls.Params.model_fields.get(where)
+        if first["type"] == "missing" and field is not None and field.description:
+            message = f"{message}: {field.description}"  # say what the value is, e.g. crd's num_data
+        raise TypeError(f"method {cls.name!r}, hyper-parameter {where!r}: {message}") from None
 
 
 _loaded = False

@@ -1,7 +1,7 @@
 """Feature-based methods: losses between tapped student and teacher activations.
 
-Methods that own learned modules (VID's regressors, ReviewKD's fusion blocks) take the channel counts of their
-layer pairs as hyper-parameters: the modules must exist when the optimizer is built, before any batch is seen.
+Methods that own learned modules (VID's regressors, ReviewKD's fusion blocks) build them in ``setup`` from the
+feature shapes of the Distiller's example batch, so the modules exist before the optimizer is built.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt, model_validator
+from pydantic import PositiveInt
 from torch import Tensor, nn
 
 from fisherkd import functional as Fn
@@ -34,26 +34,26 @@ def as_map(x: Tensor) -> Tensor:
     raise ValueError(f"cannot view a feature of shape {tuple(x.shape)} as a B×C×H×W map")
 
 
-def check_channels(name: str, maps: list[Tensor], expected: tuple[int, ...], side: str) -> None:
-    found = tuple(m.shape[1] for m in maps)
-    if found != expected:
-        raise ValueError(
-            f"{name}: the {side} features have {list(found)} channels but {side}_channels={list(expected)}; "
-            "set the hyper-parameter to the channel counts of the tapped layers, in pair order"
+def channels(features: list[Tensor]) -> list[int]:
+    """Channel counts of the features viewed as maps (see :func:`as_map`), in pair order."""
+    return [as_map(f).shape[1] for f in features]
+
+
+def check_built(name: str, built: bool) -> None:
+    if not built:
+        raise RuntimeError(
+            f"{name}: its layers are built from feature shapes: use it through a Distiller given example_input=, "
+            "or call method.setup(student_features, teacher_features) on an example batch first"
         )
 
 
-class ChannelLists(Hyperparameters):
-    """Channel counts of the student and teacher layers, one per pair, in pair order."""
-
-    student_channels: tuple[PositiveInt, ...]
-    teacher_channels: tuple[PositiveInt, ...]
-
-    @model_validator(mode="after")
-    def _same_length(self) -> ChannelLists:
-        if len(self.student_channels) != len(self.teacher_channels) or not self.student_channels:
-            raise ValueError("student_channels and teacher_channels need one entry per layer pair, as many of each")
-        return self
+def check_channels(name: str, maps: list[Tensor], expected: list[int], side: str) -> None:
+    found = [m.shape[1] for m in maps]
+    if found != expected:
+        raise ValueError(
+            f"{name}: the {side} features have {found} channels, but its layers were built for {expected}: "
+            "feed the same layers as the example batch"
+        )
 
 
 @register("fitnet")
@@ -117,8 +117,9 @@ class VID(Method):
 
     Paper: Ahn et al., "Variational Information Distillation for Knowledge Transfer", CVPR 2019. Per pair a regressor
     μ(f_s) (1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv, to the teacher's channels) and σ²_c = softplus(α_c) + ε
-    (initial σ² = 5); loss Σ_pairs mean ½[(t − μ)²/σ²_c + log σ²_c]; weight 1 (RepDistiller). Needs the channel
-    counts of every pair; vectors and tokens are treated as 1×1 and T×1 maps.
+    (initial σ² = 5); loss Σ_pairs mean ½[(t − μ)²/σ²_c + log σ²_c]; weight 1 (RepDistiller). The regressors are
+    built in ``setup`` from the channel counts of the example features; vectors and tokens are treated as 1×1 and
+    T×1 maps.
     """
 
     family = "feature"
@@ -126,31 +127,35 @@ class VID(Method):
     default_weight = 1.0
     min_pairs = 1
 
-    class Params(ChannelLists):
+    class Params(Hyperparameters):
         init_variance: float = 5.0
         eps: float = 1e-5
 
     def __init__(self, **hparams) -> None:
         super().__init__(**hparams)
-        h = self.hparams
-        self.regressors = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(s, t, 1, bias=False),
-                nn.ReLU(),
-                nn.Conv2d(t, t, 1, bias=False),
-                nn.ReLU(),
-                nn.Conv2d(t, t, 1, bias=False),
+        self.regressors = nn.ModuleList()
+        self.variance_logits = nn.ParameterList()
+
+    def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        start = _softplus_inverse(self.hparams.init_variance - self.hparams.eps)
+        for s, t in zip(channels(student_features), channels(teacher_features)):
+            self.regressors.append(
+                nn.Sequential(
+                    nn.Conv2d(s, t, 1, bias=False),
+                    nn.ReLU(),
+                    nn.Conv2d(t, t, 1, bias=False),
+                    nn.ReLU(),
+                    nn.Conv2d(t, t, 1, bias=False),
+                )
             )
-            for s, t in zip(h.student_channels, h.teacher_channels)
-        )
-        start = _softplus_inverse(h.init_variance - h.eps)
-        self.variance_logits = nn.ParameterList(nn.Parameter(torch.full((t,), start)) for t in h.teacher_channels)
+            self.variance_logits.append(nn.Parameter(torch.full((t,), start)))
 
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        check_built("vid", len(self.regressors) > 0)
         students = [as_map(s) for s in inputs.student_features]
         teachers = [as_map(t) for t in inputs.teacher_features]
-        check_channels("vid", students, self.hparams.student_channels, "student")
-        check_channels("vid", teachers, self.hparams.teacher_channels, "teacher")
+        check_channels("vid", students, [r[0].in_channels for r in self.regressors], "student")
+        check_channels("vid", teachers, [len(v) for v in self.variance_logits], "teacher")
         channel, sample = inputs.weights.get("channel"), inputs.weights.get("sample")
         terms = []
         for s, t, regressor, logits in zip(students, teachers, self.regressors, self.variance_logits):
@@ -201,8 +206,8 @@ class ReviewKD(Method):
     and add the pooled penultimate vectors as the deepest pair. Weight 5: the authors' CIFAR-100 value for most pairs
     (wrn-40-2 → wrn-16-2 / wrn-40-1 / ShuffleV1, resnet32x4 → resnet8x4 / ShuffleV1; they use 8, 0.6 and 1 elsewhere).
 
-    The fusion modules are this method's own (built from ``student_channels``/``teacher_channels``), not the
-    distiller's per-pair adapters: fusing a stage with the deeper stages cannot be done pair by pair.
+    The fusion modules are this method's own (built in ``setup`` from the channel counts of the example features),
+    not the distiller's per-pair adapters: fusing a stage with the deeper stages cannot be done pair by pair.
     """
 
     family = "feature"
@@ -210,25 +215,27 @@ class ReviewKD(Method):
     default_weight = 5.0
     min_pairs = 1
 
-    class Params(ChannelLists):
+    class Params(Hyperparameters):
         levels: tuple[PositiveInt, ...] = (4, 2, 1)
         warmup_epochs: float = 20.0
 
     def __init__(self, **hparams) -> None:
         super().__init__(**hparams)
-        h = self.hparams
-        mid = min(512, h.student_channels[-1])  # the authors' width of the fusion path
-        last = len(h.student_channels) - 1
-        self.fusions = nn.ModuleList(
-            _AttentionFusion(s, mid, t, fuse=j < last)
-            for j, (s, t) in enumerate(zip(h.student_channels, h.teacher_channels))
-        )
+        self.fusions = nn.ModuleList()
+
+    def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        student_channels, teacher_channels = channels(student_features), channels(teacher_features)
+        mid = min(512, student_channels[-1])  # the authors' width of the fusion path
+        last = len(student_channels) - 1
+        for j, (s, t) in enumerate(zip(student_channels, teacher_channels)):
+            self.fusions.append(_AttentionFusion(s, mid, t, fuse=j < last))
 
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        check_built("reviewkd", len(self.fusions) > 0)
         students = [as_map(s) for s in inputs.student_features]
         teachers = [as_map(t) for t in inputs.teacher_features]
-        check_channels("reviewkd", students, self.hparams.student_channels, "student")
-        check_channels("reviewkd", teachers, self.hparams.teacher_channels, "teacher")
+        check_channels("reviewkd", students, [f.reduce[0].in_channels for f in self.fusions], "student")
+        check_channels("reviewkd", teachers, [f.project[0].out_channels for f in self.fusions], "teacher")
         fused, deeper = [], None
         for student, teacher, fusion in reversed(list(zip(students, teachers, self.fusions))):
             out, deeper = fusion(student, deeper, teacher.shape[-2:])

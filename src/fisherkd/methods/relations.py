@@ -1,8 +1,8 @@
 """Relation-based methods: the student matches relations among the samples (or tokens) of a batch.
 
-Student and teacher features may differ in size, so these methods use no adapter. CC and CRD own embedding heads
-and take the flattened feature sizes of their one layer pair as hyper-parameters (``student_dim``,
-``teacher_dim``): the heads must exist when the optimizer is built, before any batch is seen.
+Student and teacher features may differ in size, so these methods use no adapter. CC and CRD own linear embedding
+heads, built in ``setup`` from the flattened feature sizes of the Distiller's example batch (so they exist before the
+optimizer is built).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fisherkd import functional as Fn
 from fisherkd.methods.base import Hyperparameters, Method, MethodInputs, register
-from fisherkd.methods.features import sum_over_pairs
+from fisherkd.methods.features import check_built, sum_over_pairs
 
 
 @register("rkd")
@@ -126,32 +126,50 @@ class Relation(Method):
         return {"relation": sum_over_pairs(inputs, lambda s, t: Fn.relation(s, t, mask=mask, sample_weight=sample))}
 
 
-class EmbeddingDims(Hyperparameters):
-    """Flattened feature sizes of the one student/teacher layer pair, and the embedding size (128, RepDistiller)."""
+class EmbeddingParams(Hyperparameters):
+    """The embedding size of CC's and CRD's linear heads (128, RepDistiller)."""
 
-    student_dim: PositiveInt
-    teacher_dim: PositiveInt
     embed_dim: PositiveInt = 128
 
 
-def _single_pair(name: str, inputs: MethodInputs) -> tuple[Tensor, Tensor]:
-    if len(inputs.student_features) != 1:
-        raise ValueError(f"{name}: takes exactly one layer pair, got {len(inputs.student_features)}")
-    return inputs.student_features[0], inputs.teacher_features[0]
+def _single_pair(name: str, student_features: list[Tensor], teacher_features: list[Tensor]) -> tuple[Tensor, Tensor]:
+    if len(student_features) != 1:
+        raise ValueError(f"{name}: takes exactly one layer pair, got {len(student_features)}")
+    return student_features[0], teacher_features[0]
 
 
-def _embed(name: str, head: nn.Linear, feature: Tensor, side: str) -> Tensor:
-    flat = feature.flatten(1)
-    if flat.shape[1] != head.in_features:
-        raise ValueError(
-            f"{name}: the {side} feature {tuple(feature.shape)} flattens to {flat.shape[1]} values but "
-            f"{side}_dim={head.in_features}; set {side}_dim to its size per sample"
-        )
-    return F.normalize(head(flat.to(head.weight.dtype)), dim=1)
+class EmbeddingMethod(Method):
+    """A relation method on one layer pair whose student and teacher features pass through their own linear heads
+    to L2-normalised ``embed_dim`` vectors; the heads are built in ``setup`` from the flattened feature sizes."""
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        self.embed_student: nn.Linear | None = None
+        self.embed_teacher: nn.Linear | None = None
+
+    def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        s, t = _single_pair(self.name, student_features, teacher_features)
+        self.embed_student = nn.Linear(s[0].numel(), self.hparams.embed_dim)
+        self.embed_teacher = nn.Linear(t[0].numel(), self.hparams.embed_dim)
+
+    def embed(self, inputs: MethodInputs) -> tuple[Tensor, Tensor]:
+        """The normalised student and teacher embeddings of the batch."""
+        check_built(self.name, self.embed_student is not None)
+        s, t = _single_pair(self.name, inputs.student_features, inputs.teacher_features)
+        return self._embed(self.embed_student, s, "student"), self._embed(self.embed_teacher, t, "teacher")
+
+    def _embed(self, head: nn.Linear, feature: Tensor, side: str) -> Tensor:
+        flat = feature.flatten(1)
+        if flat.shape[1] != head.in_features:
+            raise ValueError(
+                f"{self.name}: the {side} feature {tuple(feature.shape)} flattens to {flat.shape[1]} values, but its "
+                f"head was built for {head.in_features}: feed the same layer as the example batch"
+            )
+        return F.normalize(head(flat.to(head.weight.dtype)), dim=1)
 
 
 @register("cc")
-class CC(Method):
+class CC(EmbeddingMethod):
     """Correlation congruence: match Taylor-expanded Gaussian-kernel correlations of the batch's embeddings.
 
     Paper: Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019. Student and teacher features
@@ -164,25 +182,17 @@ class CC(Method):
     default_weight = 0.02
     min_pairs = 1
 
-    class Params(EmbeddingDims):
+    class Params(EmbeddingParams):
         gamma: float = 0.4
         order: int = Field(2, ge=0)
 
-    def __init__(self, **hparams) -> None:
-        super().__init__(**hparams)
-        h = self.hparams
-        self.embed_student = nn.Linear(h.student_dim, h.embed_dim)
-        self.embed_teacher = nn.Linear(h.teacher_dim, h.embed_dim)
-
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
-        s, t = _single_pair("cc", inputs)
-        e_s = _embed("cc", self.embed_student, s, "student")
-        e_t = _embed("cc", self.embed_teacher, t, "teacher")
+        e_s, e_t = self.embed(inputs)
         return {"cc": Fn.cc(e_s, e_t, self.hparams.gamma, self.hparams.order)}
 
 
 @register("crd")
-class CRD(Method):
+class CRD(EmbeddingMethod):
     """Contrastive representation distillation with a memory bank (or a bounded queue) of past embeddings.
 
     Paper: Tian et al., "Contrastive Representation Distillation", ICLR 2020. Linear heads embed student and teacher
@@ -205,8 +215,8 @@ class CRD(Method):
     default_weight = 0.8
     min_pairs = 1
 
-    class Params(EmbeddingDims):
-        num_data: PositiveInt
+    class Params(EmbeddingParams):
+        num_data: PositiveInt = Field(description="training-set size: one memory-bank row per dataset index")
         nce_k: PositiveInt = 16384
         temperature: float = Field(0.07, gt=0)
         momentum: float = Field(0.5, ge=0, le=1)
@@ -214,15 +224,17 @@ class CRD(Method):
 
     def __init__(self, **hparams) -> None:
         super().__init__(**hparams)
+        self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z for the student and teacher anchors
+
+    def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        super().setup(student_features, teacher_features)
+        # the memory is drawn after the heads, in RepDistiller's order, so a seed gives the authors' initialisation
         h = self.hparams
-        self.embed_student = nn.Linear(h.student_dim, h.embed_dim)
-        self.embed_teacher = nn.Linear(h.teacher_dim, h.embed_dim)
         rows = h.queue_size if h.queue_size > 0 else h.num_data
         bound = 1.0 / (h.embed_dim / 3) ** 0.5  # the authors' initialisation: rows of about unit norm
         self.register_buffer("student_memory", torch.rand(rows, h.embed_dim) * 2 * bound - bound)
         self.register_buffer("teacher_memory", torch.rand(rows, h.embed_dim) * 2 * bound - bound)
-        self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
-        self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z for the student and teacher anchors
 
     @property
     def mode(self) -> Literal["bank", "queue"]:
@@ -230,9 +242,7 @@ class CRD(Method):
 
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
         h = self.hparams
-        s, t = _single_pair("crd", inputs)
-        e_s = _embed("crd", self.embed_student, s, "student")
-        e_t = _embed("crd", self.embed_teacher, t, "teacher")
+        e_s, e_t = self.embed(inputs)
         if self.mode == "bank":
             index = self._check_index(inputs.index, e_s.shape[0])
             negatives = torch.randint(h.num_data, (e_s.shape[0], h.nce_k), device=index.device)
