@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fisherkd.config import ConfigError, load_config
+from fisherkd.engine.distributed import is_main
 
 console = Console()
 
@@ -21,7 +22,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.overrides)
     summary = train(config, run_dir=args.resume, resume=bool(args.resume))
-    console.print_json(json.dumps(summary))
+    if is_main():  # under torchrun, one summary
+        console.print_json(json.dumps(summary))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -96,8 +96,8 @@ class TeacherConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _one_kind(self) -> TeacherConfig:
-        kinds = [k for k, given in [("name", self.name), ("members", self.members), ("ema_decay", self.ema_decay)]
-                 if given not in (None, [])]
+        given = {"name": self.name is not None, "members": bool(self.members), "ema_decay": self.ema_decay is not None}
+        kinds = [k for k, v in given.items() if v]
         if len(kinds) != 1:
             raise ValueError(
                 "a teacher is one model (name: ...), an ensemble (members: [...]) or the EMA of the student "
@@ -107,15 +107,11 @@ class TeacherConfig(ModelConfig):
             raise ValueError("checkpoint and kwargs belong to one teacher model: give its name, or set them per member")
         if any(m.name is None for m in self.members):
             raise ValueError("ensemble members must be single models (name: ...), not ensembles or EMA teachers")
-        ensemble_options = self.member_weights is not None or (self.ensemble_average, self.ensemble_weighting) != (
-            "probs",
-            "fixed",
-        )
-        if ensemble_options and not self.members:
+        ensemble_options = (self.member_weights, self.ensemble_average, self.ensemble_weighting)
+        if not self.members and ensemble_options != (None, "probs", "fixed"):
             raise ValueError("member_weights, ensemble_average and ensemble_weighting need members: [...]")
-        if self.member_weights is not None and (
-            len(self.member_weights) != len(self.members) or min(self.member_weights) < 0 or sum(self.member_weights) <= 0
-        ):
+        weights = self.member_weights
+        if weights is not None and (len(weights) != len(self.members) or min(weights) < 0 or sum(weights) <= 0):
             raise ValueError(f"member_weights: need {len(self.members)} non-negative weights, not all zero")
         return self
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,26 +11,43 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from fisherkd.adapters import make_adapter
-from fisherkd.methods.base import Method, MethodInputs, create
+from fisherkd.fisher.spec import FisherSpec
+from fisherkd.fisher.weighter import FisherBatch, FisherWeighter
+from fisherkd.methods.base import Method, MethodInputs, create, method_class
 from fisherkd.taps import Taps
 
 
 class MethodSpec(BaseModel):
-    """One loss term of a distillation: a registered method, its loss weight, its tapped layer pairs and
-    hyper-parameters (any other key). ``weight`` defaults to the authors' weight of the method."""
+    """One loss term of a distillation: a registered method, its loss weight, its tapped layer pairs, an optional
+    ``fisher`` block (:class:`~fisherkd.fisher.FisherSpec`: Fisher-information weights along one of the method's
+    ``weight_axes``) and hyper-parameters (any other key). ``weight`` defaults to the authors' weight."""
 
     model_config = ConfigDict(extra="allow")
 
     name: str
     weight: float | None = None
     pairs: list[tuple[str, str]] = Field(default_factory=list)
+    fisher: FisherSpec | None = None
 
     @property
     def hparams(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
     def build(self) -> Method:
-        return create(self.name, **self.hparams)
+        method = create(self.name, **self.hparams)
+        self.resolved_fisher()
+        return method
+
+    def resolved_fisher(self) -> FisherSpec | None:
+        """The fisher block (or the method's default one), checked against the axes the method can weight."""
+        cls = method_class(self.name)
+        fisher = self.fisher or (FisherSpec(**cls.default_fisher) if cls.default_fisher else None)
+        if fisher is not None and fisher.axis not in cls.weight_axes:
+            supported = ", ".join(cls.weight_axes) or "none (its loss takes no importance weights)"
+            raise TypeError(
+                f"method {self.name!r} cannot be Fisher-weighted along {fisher.axis!r}; its axes: {supported}"
+            )
+        return fisher
 
 
 def as_spec(item: MethodSpec | Mapping[str, Any] | str) -> MethodSpec:
@@ -54,13 +71,15 @@ def model_logits(output: Any) -> Tensor:
 
 @dataclass
 class DistillOutput:
-    """Student logits, teacher logits (None without a teacher), weighted loss terms and their sum."""
+    """Student logits, teacher logits (None without a teacher), weighted loss terms and their sum, and detached
+    diagnostic scalars (``fisher.<term>.<axis>.entropy`` / ``.max_min`` of the Fisher weights) to log."""
 
     logits: Tensor
     teacher_logits: Tensor | None
     losses: dict[str, Tensor]
     weights: dict[str, float]
     loss: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
@@ -128,6 +147,53 @@ class Distiller(nn.Module):
                     "batch) to the Distiller"
                 )
             self._build_from_example(example_input)
+        self.fisher = self._build_fisher()
+
+    def _build_fisher(self) -> nn.ModuleDict:
+        """One :class:`FisherWeighter` per method with a fisher block, keyed by the method's term name."""
+        weighters = nn.ModuleDict()
+        for spec, method, label in zip(self.specs, self.methods, self.term_names):
+            method.bind(self.student, self.teacher)
+            fisher = spec.resolved_fisher()
+            if fisher is None:
+                continue
+            if self.teacher is None:
+                raise ValueError(f"method {spec.name!r}: Fisher weights come from a teacher, but teacher=None")
+            layers = {t for _, t in spec.pairs}
+            if fisher.axis in ("channel", "position") and len(layers) > 1:
+                raise ValueError(
+                    f"method {spec.name!r}: {fisher.axis} weights belong to one teacher layer, but its pairs tap "
+                    f"{sorted(layers)}: give each pair its own method entry (and fisher block)"
+                )
+            tap = spec.pairs[0][1] if spec.pairs else None
+            weighters[label] = FisherWeighter(fisher, label, tap, getattr(method, "parameter_names", ()))
+        return weighters
+
+    def _fisher_weights(
+        self,
+        inputs: Tensor | Mapping[str, Tensor],
+        target: Tensor | None,
+        teacher_logits: Tensor | None,
+        mask: Tensor | None,
+    ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+        """Fisher weights by term name and axis, and their diagnostics."""
+        weights: dict[str, dict[str, Tensor]] = {}
+        stats: dict[str, Tensor] = {}
+        for label, weighter in self.fisher.items():
+            batch = FisherBatch(
+                inputs,
+                self.teacher,
+                teacher_logits,
+                target,
+                feature=self.teacher_taps.outputs.get(weighter.tap),
+                mask=mask,
+                quiet=self.teacher_taps.paused,
+            )
+            values, diagnostics = weighter(batch)
+            if values is not None:
+                weights[label] = {weighter.axis: values}
+            stats.update({f"fisher.{label}.{weighter.axis}.{k}": v for k, v in diagnostics.items()})
+        return weights, stats
 
     def _term_names(self) -> list[str]:
         seen: dict[str, int] = {}
@@ -195,6 +261,7 @@ class Distiller(nn.Module):
         if mask is None and isinstance(inputs, Mapping):
             mask = inputs.get("attention_mask")  # Transformers batches carry their padding mask
         teacher_logits = self.teacher_forward(inputs) if self.teacher is not None else None
+        fisher_weights, stats = self._fisher_weights(inputs, target, teacher_logits, mask) if self.fisher else ({}, {})
         student_logits = model_logits(_call(self.student, inputs))
         losses: dict[str, Tensor] = {}
         used_weights: dict[str, float] = {}
@@ -217,7 +284,7 @@ class Distiller(nn.Module):
                     mask=mask,
                     index=index,
                     epoch=epoch,
-                    weights=weights or {},
+                    weights={**(weights or {}), **fisher_weights.get(self.term_names[i], {})},
                 )
             )
             weight = self.loss_weights[i]
@@ -229,12 +296,12 @@ class Distiller(nn.Module):
         if self.teacher_taps is not None:
             self.teacher_taps.clear()
         total = torch.stack([v.float() for v in losses.values()]).sum()
-        return DistillOutput(student_logits, teacher_logits, losses, used_weights, total)
+        return DistillOutput(student_logits, teacher_logits, losses, used_weights, total, stats)
 
     def after_optimizer_step(self) -> None:
         """Called by the engine after every optimizer step; methods with state between steps (e.g. an EMA
         teacher or Fisher statistics) update it in their ``after_optimizer_step``."""
-        for module in [*self.methods, self.teacher]:
+        for module in [*self.methods, *self.fisher.values(), self.teacher]:
             if hasattr(module, "after_optimizer_step"):
                 module.after_optimizer_step()
 

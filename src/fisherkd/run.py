@@ -12,62 +12,101 @@ import yaml
 from rich.progress import Progress
 from torch import nn
 
-from fisherkd.config import ModelConfig, RunConfig, TeacherConfig
+from fisherkd.config import ModelConfig, RunConfig, StudentConfig, TeacherConfig
 from fisherkd.data import DataSplits, FolderSplits, load_dataset, make_loader
 from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, save_atomic
+from fisherkd.engine.distributed import barrier, init_distributed, is_main
 from fisherkd.engine.trainer import Trainer, evaluate, resolve_device, seed_everything
 from fisherkd.models import create_model
 from fisherkd.paths import cache_dir
+from fisherkd.schemes import EMATeacher, EnsembleTeacher, add_dual_head, load_student_weights
 from fisherkd.tracking import Tracker
 
 
 def build_model(config: ModelConfig, splits: DataSplits | FolderSplits) -> nn.Module:
     model = create_model(config.name, in_channels=splits.in_channels, num_classes=splits.num_classes, **config.kwargs)
     if config.checkpoint:
-        state = load_checkpoint(config.checkpoint)
-        model.load_state_dict(state.get("model", state))
+        model.load_state_dict(load_student_weights(config.checkpoint))
     return model
+
+
+def build_student(config: StudentConfig, splits: DataSplits | FolderSplits) -> nn.Module:
+    student = build_model(config, splits)
+    return add_dual_head(student, config.dual_head) if config.dual_head else student
+
+
+# Fields that say how teachers are combined, not which model a teacher is: left out of a model's cache key, so an
+# ensemble member shares its cache entry with the same teacher used alone.
+SCHEME_FIELDS = {"members", "member_weights", "ensemble_average", "ensemble_weighting", "ema_decay"}
 
 
 def teacher_cache_path(config: TeacherConfig, data: dict[str, Any]) -> Path:
     """Teachers are keyed by everything that determines them: model, data, training recipe and seed."""
-    key = json.dumps({"teacher": config.model_dump(mode="json"), "data": data}, sort_keys=True)
+    teacher = config.model_dump(mode="json", exclude=SCHEME_FIELDS)
+    key = json.dumps({"teacher": teacher, "data": data}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "teachers" / f"{config.name}-{digest}.pt"
 
 
 def get_teacher(
-    config: RunConfig, splits: DataSplits | FolderSplits, progress: Progress | None = None
+    config: RunConfig,
+    splits: DataSplits | FolderSplits,
+    progress: Progress | None = None,
+    student: nn.Module | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The configured teacher: from its checkpoint, from the cache, or trained now with CE and cached.
+    """The configured teacher and its record (test accuracy, where it came from).
 
-    Returns the model and its record (test accuracy, whether it came from the cache).
+    One model comes from its checkpoint, from the cache, or is trained now with CE and cached; an ensemble gets each
+    member that way; an EMA teacher is a copy of ``student``. The global random state is left as it was, so the
+    student's run does not depend on whether a teacher was trained or read from the cache.
     """
-    assert config.teacher is not None
-    teacher = build_model(config.teacher, splits)
-    if config.teacher.checkpoint:
-        return teacher, {"source": config.teacher.checkpoint}
-    path = teacher_cache_path(config.teacher, config.data.model_dump(mode="json"))
-    if path.exists():
+    teacher = config.teacher
+    assert teacher is not None
+    if teacher.ema_decay is not None:
+        if student is None:
+            raise ValueError("an EMA teacher (ema_decay) is a copy of the student: pass student=")
+        return EMATeacher(student, teacher.ema_decay), {"source": "ema", "decay": teacher.ema_decay}
+    with torch.random.fork_rng():
+        if not teacher.members:
+            return teacher_model(teacher, config, splits, progress)
+        members, records = zip(*(teacher_model(m, config, splits, progress) for m in teacher.members))
+    ensemble = EnsembleTeacher(
+        members, teacher.member_weights, average=teacher.ensemble_average, weighting=teacher.ensemble_weighting
+    )
+    return ensemble, {"source": "ensemble", "members": list(records)}
+
+
+def teacher_model(
+    teacher: TeacherConfig, config: RunConfig, splits: DataSplits | FolderSplits, progress: Progress | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """One teacher model: from its checkpoint, from the cache, or trained now with CE and cached."""
+    model = build_model(teacher, splits)
+    if teacher.checkpoint:
+        return model, {"source": teacher.checkpoint}
+    path = teacher_cache_path(teacher, config.data.model_dump(mode="json"))
+    cached = path.exists()
+    barrier()  # under DDP all ranks decide alike before rank 0 may write the cache
+    if cached:
         state = load_checkpoint(path)
-        teacher.load_state_dict(state["model"])
-        return teacher, {**state["record"], "source": "cache", "path": str(path)}
-    seed_everything(config.teacher.seed)
-    teacher = build_model(config.teacher, splits)
+        model.load_state_dict(state["model"])
+        return model, {**state["record"], "source": "cache", "path": str(path)}
+    seed_everything(teacher.seed)
+    model = build_model(teacher, splits)
     trainer = Trainer(
-        Distiller(teacher, None, ["ce"]),
+        Distiller(model, None, ["ce"]),
         splits,
-        config.teacher.train,
+        teacher.train,
         device=config.device,
-        seed=config.teacher.seed,
+        seed=teacher.seed,
         progress=progress,
-        label=f"teacher {config.teacher.name}",
+        label=f"teacher {teacher.name}",
     )
     summary = trainer.fit()
     record = {"test_accuracy": summary["test_accuracy"], "train_seconds": summary["train_seconds"]}
-    save_atomic({"model": teacher.state_dict(), "record": record}, path)
-    return teacher.cpu(), {**record, "source": "trained", "path": str(path)}
+    if is_main():
+        save_atomic({"model": model.state_dict(), "record": record}, path)
+    return model.cpu(), {**record, "source": "trained", "path": str(path)}
 
 
 def new_run_dir(config: RunConfig) -> Path:
@@ -91,17 +130,20 @@ def train(
     """Train the student of ``config`` and return its summary. With ``resume``, ``run_dir`` must be given."""
     if resume and run_dir is None:
         raise ValueError("resume needs the run directory to continue")
+    init_distributed()
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    barrier()  # every rank has chosen the same directory before rank 0 creates it
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     splits = splits or load_dataset(config.data.name, config.data.root)
-    teacher, teacher_record = get_teacher(config, splits, progress) if config.teacher else (None, {})
     seed_everything(config.seed)
-    student = build_model(config.student, splits)
+    student = build_student(config.student, splits)
+    teacher, teacher_record = get_teacher(config, splits, progress, student) if config.teacher else (None, {})
     device = resolve_device(config.device)
     example = next(iter(make_loader(splits, "test", 2, shuffle=False, device=device).epoch(0))).x
     distiller = Distiller(student.to(device), teacher.to(device) if teacher else None, config.methods, example)
-    tracker = Tracker(run_dir, config.tracking, config.model_dump(mode="json"))
+    tracker = Tracker(run_dir, config.tracking, config.model_dump(mode="json")) if is_main() else None
     trainer = Trainer(
         distiller,
         splits,
@@ -116,9 +158,10 @@ def train(
     try:
         summary = trainer.fit(resume=resume, stop_after_steps=stop_after_steps)
     finally:
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
         distiller.close()
-    if "stopped_at_step" not in summary:
+    if "stopped_at_step" not in summary and is_main():
         summary["teacher"] = teacher_record
         summary["run_dir"] = str(run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -134,8 +177,8 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "last") -> dict[str, Any
     run_dir = Path(run_dir)
     config = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     splits = load_dataset(config.data.name, config.data.root)
-    teacher = get_teacher(config, splits)[0] if config.teacher else None
-    student = build_model(config.student, splits)
+    student = build_student(config.student, splits)
+    teacher = get_teacher(config, splits, student=student)[0] if config.teacher else None
     example = next(iter(make_loader(splits, "test", 2, shuffle=False).epoch(0))).x
     distiller = Distiller(student, teacher, config.methods, example)
     state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")

@@ -8,7 +8,8 @@ the module's first input instead of its output (``"head:in"`` is the penultimate
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 from torch import Tensor, nn
 
@@ -56,6 +57,7 @@ class Taps:
     def __init__(self, model: nn.Module, names: Iterable[str], role: str = "model") -> None:
         self.names = list(dict.fromkeys(names))
         self.outputs: dict[str, Tensor] = {}
+        self.active = True
         self._handles: list = []
         modules = dict(model.named_modules())
         for tap in self.names:
@@ -67,6 +69,8 @@ class Taps:
 
     def _hook(self, tap: str, index: int | None):
         def hook(_module: nn.Module, inputs: tuple, output: object) -> None:
+            if not self.active:
+                return
             if index == INPUT:
                 self.outputs[tap] = _first_tensor(inputs, 0, tap)
             else:
@@ -81,6 +85,16 @@ class Taps:
 
     def clear(self) -> None:
         self.outputs.clear()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Capture nothing inside the block: an extra forward pass (a Fisher estimate) keeps the outputs of the
+        main pass in place."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     def close(self) -> None:
         for handle in self._handles:

@@ -66,6 +66,8 @@ class DeviceLoader:
         shuffle: bool = True,
         drop_last: bool = True,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -75,6 +77,8 @@ class DeviceLoader:
         # Static shapes: dropping the last partial batch keeps every step identical (and CUDA-graph friendly).
         self.drop_last = drop_last and len(data) >= batch_size
         self.seed = seed
+        # Under DDP every rank walks the same global order and keeps its slice of each global batch.
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -86,5 +90,5 @@ class DeviceLoader:
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         order = self.order(epoch)
         for b in range(start, len(self)):
-            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            index = order[b * self.batch_size : (b + 1) * self.batch_size][self.rank :: self.world_size]
             yield Batch(self.data.x[index], self.data.y[index], index)

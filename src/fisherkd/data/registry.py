@@ -53,13 +53,18 @@ def make_loader(
     seed: int = 0,
     device: torch.device | str = "cpu",
     num_workers: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DeviceLoader | FolderLoader:
     """Batches of one split on ``device``: a :class:`DeviceLoader` over resident tensors for array datasets, a
     :class:`FolderLoader` (DataLoader workers; ``num_workers`` applies only to it) for image folders. Both have
-    ``len()`` and ``epoch(e, start=0)`` yielding :class:`Batch`, in an order fixed by (seed, e)."""
+    ``len()`` and ``epoch(e, start=0)`` yielding :class:`Batch`, in an order fixed by (seed, e). With
+    ``world_size`` > 1 each rank gets its slice of every global batch of ``batch_size`` samples."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if isinstance(splits, FolderSplits):
+        if world_size > 1:
+            raise NotImplementedError("image_folder datasets do not shard across DDP ranks yet: run one process")
         return splits.loader(split, batch_size, shuffle, drop_last, seed, device, num_workers)
     data = splits.train if split == "train" else splits.test
-    return DeviceLoader(data.to(device), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    return DeviceLoader(data.to(device), batch_size, shuffle, drop_last, seed, rank, world_size)

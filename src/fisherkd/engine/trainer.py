@@ -11,11 +11,13 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fisherkd.config import TrainConfig
 from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
 from fisherkd.distiller import Distiller, model_logits
 from fisherkd.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fisherkd.engine.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from fisherkd.engine.schedule import lr_factor
 from fisherkd.metrics import FidelityMeter
 from fisherkd.tracking import Tracker
@@ -101,7 +103,13 @@ class Trainer:
             self.distiller.to(memory_format=torch.channels_last)
         if config.compile:
             self.distiller.student.compile()
-        self.loader = make_loader(splits, "train", config.batch_size, shuffle=True, seed=seed, device=self.device)
+        distributed = init_distributed()
+        self.loader = make_loader(
+            splits, "train", config.batch_size, shuffle=True, seed=seed, device=self.device,
+            rank=rank(), world_size=world_size(),
+        )
+        # DDP averages gradients over ranks; the teacher's frozen parameters are not part of it.
+        self.model: nn.Module = DistributedDataParallel(self.distiller) if distributed else self.distiller
         self.steps_per_epoch = len(self.loader) // config.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -129,8 +137,9 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and is_main():
             save_atomic(self.state_dict(), self.run_dir / "checkpoints" / f"{name}.pt")
+        barrier()  # nobody reads a checkpoint before rank 0 has renamed it into place
 
     def load(self, path: str | Path) -> None:
         state = load_checkpoint(path, self.device)
@@ -174,7 +183,7 @@ class Trainer:
                         x = x.contiguous(memory_format=torch.channels_last)
                     epoch_progress.fill_(self.step / self.steps_per_epoch)
                     with autocast(self.device, config.amp):
-                        out = self.distiller(x, y, index=batch.index, epoch=epoch_progress)
+                        out = self.model(x, y, index=batch.index, epoch=epoch_progress)
                     (out.loss / accum).backward()
                     for key, value in [("loss", out.loss), *out.losses.items()]:
                         sums[key] = sums.get(key, 0) + value.detach().float()
@@ -201,7 +210,10 @@ class Trainer:
         return self._finish(time.perf_counter() - started)
 
     def _log_train(self, sums: dict[str, torch.Tensor], batches: int, samples: int, progress: Progress, task: int):
-        values = dict(zip(sums, torch.stack([v.float() for v in sums.values()]).tolist()))  # the one sync
+        counts = torch.tensor([batches, samples], device=self.device, dtype=torch.float32)
+        reduced = all_reduce_sum(torch.cat([torch.stack([v.float() for v in sums.values()]), counts]))
+        *totals, batches, samples = reduced.tolist()  # the one sync of the interval
+        values = dict(zip(sums, totals))
         row = {k: v / batches for k, v in values.items() if k != "correct"}
         row["train_accuracy"] = values["correct"] / samples
         row["lr"] = self.scheduler.get_last_lr()[0]
@@ -234,7 +246,7 @@ class Trainer:
             "train_seconds": seconds,
             "device": str(self.device),
         }
-        if self.run_dir is not None:
+        if self.run_dir is not None and is_main():
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -256,4 +268,5 @@ def _make_progress() -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         transient=False,
+        disable=not is_main(),
     )

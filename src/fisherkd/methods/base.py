@@ -57,6 +57,10 @@ class Method(nn.Module):
     needs_target: ClassVar[bool] = False
     min_pairs: ClassVar[int] = 0
     Params: ClassVar[type[Hyperparameters]] = Hyperparameters
+    # Axes of MethodInputs.weights the loss reads, i.e. what a ``fisher:`` block may weight ("sample", "class",
+    # "channel", "position", "head", "token", "parameter"); default_fisher is the block used when none is given.
+    weight_axes: ClassVar[tuple[str, ...]] = ()
+    default_fisher: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -68,6 +72,10 @@ class Method(nn.Module):
     def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
         """Build learned parts from the shapes of one example batch (called by the Distiller before training,
         after adapters, so the optimizer sees every parameter). Student features are already adapted."""
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called once by the Distiller with its models, for the rare method that reads parameters rather than
+        outputs (``fisher_param``). Keep plain references: registering the models here would save them twice."""
 
     def wants_adapter(self, student_feature: Tensor, teacher_feature: Tensor) -> bool:
         """Whether this pair's student tensor passes through a learned adapter (asked once, on example shapes)."""
@@ -122,7 +130,10 @@ def available(family: str | None = None) -> list[str]:
 def describe(name: str) -> dict[str, Any]:
     """Name, family, paper, default loss weight and hyper-parameter defaults of a method."""
     cls = method_class(name)
-    defaults = {k: "required" if f.is_required() else f.default for k, f in cls.Params.model_fields.items()}
+    defaults = {
+        k: "required" if f.is_required() else f.get_default(call_default_factory=True)
+        for k, f in cls.Params.model_fields.items()
+    }
     doc = (cls.__doc__ or "").strip().splitlines()
     return {
         "name": name,

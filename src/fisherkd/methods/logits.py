@@ -79,6 +79,7 @@ class KD(LogitMethod):
     Paper: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
     """
 
+    weight_axes = ("sample",)
     paper = "Hinton et al. 2015, arXiv:1503.02531"
     default_weight = 0.9
 
@@ -116,6 +117,7 @@ class DKD(LogitMethod):
     by min(epoch / warmup_epochs, 1) (``inputs.epoch``, a float or a 0-d tensor), as in the authors' code.
     """
 
+    weight_axes = ("sample",)
     paper = "Zhao et al. CVPR 2022, arXiv:2203.08679"
     default_weight = 1.0
     needs_target = True
@@ -143,6 +145,7 @@ class NKD(LogitMethod):
     only; the target logit is removed, so it never enters the non-target term.
     """
 
+    weight_axes = ("sample",)
     paper = "Yang et al. ICCV 2023, arXiv:2303.13005"
     default_weight = 1.0
     needs_target = True
@@ -185,6 +188,7 @@ class ReverseKL(LogitMethod):
     sequence-level reverse KL with policy gradients; this is its token-level form).
     """
 
+    weight_axes = ("sample",)
     paper = "Gu et al. ICLR 2024, arXiv:2306.08543"
 
     class Params(LogitParams):
@@ -202,6 +206,7 @@ class JSD(LogitMethod):
     (GKD), ICLR 2024. Continuous in β: β→0 is forward KL(p_t ‖ p_s), β→1 reverse KL(p_s ‖ p_t).
     """
 
+    weight_axes = ("sample",)
     paper = "Agarwal et al. ICLR 2024, arXiv:2306.13649"
 
     class Params(LogitParams):
@@ -220,6 +225,7 @@ class TVD(LogitMethod):
     Paper: Wen et al., "f-Divergence Minimization for Sequence-Level Knowledge Distillation", ACL 2023.
     """
 
+    weight_axes = ("sample",)
     paper = "Wen et al. ACL 2023, arXiv:2307.15190"
 
     class Params(LogitParams):
@@ -236,6 +242,7 @@ class SkewKL(LogitMethod):
     Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models", ICML 2024.
     """
 
+    weight_axes = ("sample",)
     paper = "Ko et al. ICML 2024, arXiv:2402.03898"
 
     class Params(LogitParams):
@@ -254,6 +261,7 @@ class SkewReverseKL(LogitMethod):
     Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models", ICML 2024.
     """
 
+    weight_axes = ("sample",)
     paper = "Ko et al. ICML 2024, arXiv:2402.03898"
 
     class Params(LogitParams):
@@ -296,6 +304,7 @@ class OFA(LogitMethod):
     projected from intermediate stages (give those as separate terms). ε=1 is the soft-target cross-entropy.
     """
 
+    weight_axes = ("sample",)
     paper = "Hao et al. NeurIPS 2023, arXiv:2310.19444"
     default_weight = 1.0
     needs_target = True
@@ -335,6 +344,7 @@ class CTKD(LogitMethod):
     Authors' weights: KD 0.9 with CE 0.1.
     """
 
+    weight_axes = ("sample",)
     paper = "Li et al. AAAI 2023, arXiv:2211.16231"
     default_weight = 0.9
 

@@ -1,0 +1,27 @@
+"""Fisher-information weighting: estimators of the teacher's Fisher, one normalization operator, EMA state.
+
+- :mod:`fisherkd.fisher.estimators` — closed forms (logits, linear head) and one-backward sampled estimates at
+  any tapped activation (channels, positions, tokens, attention heads) or at the parameters.
+- :func:`normalize` — raw importances → weights with mean 1 (γ = 0 or λ = 0: all ones).
+- :class:`EMAStatistic` — bias-corrected EMA, all-reduced under DDP, saved in checkpoints.
+- :class:`FisherSpec` — the ``fisher:`` block of a method; :class:`FisherWeighter` — the Distiller's module
+  that turns it into ``MethodInputs.weights`` every step.
+"""
+
+from fisherkd.fisher.normalize import normalize, ramp
+from fisherkd.fisher.spec import ESTIMATORS, PER_BATCH_AXES, FisherSpec
+from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
+from fisherkd.fisher.weighter import FisherBatch, FisherWeighter, weight_stats
+
+__all__ = [
+    "ESTIMATORS",
+    "PER_BATCH_AXES",
+    "EMAStatistic",
+    "FisherBatch",
+    "FisherSpec",
+    "FisherWeighter",
+    "all_reduce_mean",
+    "normalize",
+    "ramp",
+    "weight_stats",
+]

@@ -1,0 +1,251 @@
+"""Fisher-information estimators of a frozen teacher: closed forms and one-backward sampled estimates.
+
+All are detached and computed in float32 with autocast off. Notation: z logits, p = softmax(z/τ), h a tapped
+activation, g = ∂ log p(ŷ|x) / ∂h its score. The Fisher information of the teacher's prediction is E_ŷ∼p[g gᵀ];
+its diagonal along an axis says how much a perturbation there changes the teacher's prediction.
+
+- Logits, closed form: F = diag(p) − ppᵀ, per-class diagonal p_c(1 − p_c), per-sample trace 1 − ‖p‖².
+- Input h of a linear head z = Wh + b: F_h = Wᵀ(diag p − ppᵀ)W, diagonal Σ_c p_c W_cj² − (Σ_c p_c W_cj)².
+- Any tapped activation: one ``torch.autograd.grad`` of Σ_n log p(ŷ_n|x_n) back to the tapped tensors only (the
+  teacher's parameters stay frozen, so no weight gradient is formed), ŷ drawn from the teacher's own prediction
+  (the true Fisher) or the ground-truth labels (the empirical Fisher, Kunstner et al., NeurIPS 2019, explain why
+  it is the weaker choice). Reductions: per channel, per position/token, per attention head (the Fisher of a
+  multiplicative head gate, as in Michel et al., "Are Sixteen Heads Really Better than One?", NeurIPS 2019).
+- Parameters: diagonal E[(∂ log p(ŷ|x)/∂θ)²] (as in EWC, Kirkpatrick et al., PNAS 2017) from one backward of the
+  whole batch: with ŷ sampled from the model E_ŷ[g_n] = 0 and the samples are independent, so the cross terms of
+  (Σ_n g_n)² vanish in expectation and (Σ_n g_n)²/N is unbiased for the per-sample Fisher, with no per-sample
+  gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fisherkd.functional.features import _channel_axis
+from fisherkd.methods.base import nearest
+from fisherkd.taps import INPUT, parse_tap
+
+Inputs = Tensor | Mapping[str, Tensor]
+
+
+def probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    return F.softmax(logits.detach().float() / temperature, dim=-1)
+
+
+def logit_fisher_diagonal(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-class diagonal of the logit Fisher diag(p) − ppᵀ: p_c(1 − p_c), shape [..., C]."""
+    p = probabilities(logits, temperature)
+    return p * (1.0 - p)
+
+
+def logit_fisher_trace(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Trace of the logit Fisher: 1 − ‖p‖², one value per row of logits, shape [...]."""
+    return 1.0 - probabilities(logits, temperature).pow(2).sum(-1)
+
+
+def linear_head_fisher(logits: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:
+    """Diagonal Fisher at the input h of a linear head z = Wh + b: Σ_c p_c W_cj² − (Σ_c p_c W_cj)², shape [..., D].
+
+    It is the variance of W_ŷj under ŷ ∼ p: the closed form of E[g_j²] with g = ∂ log p(ŷ)/∂h = W_ŷ − pᵀW, and
+    diag(Wᵀ(diag p − ppᵀ)W). With a temperature the score carries a factor 1/τ, a constant that the normalization
+    removes.
+    """
+    p = probabilities(logits, temperature)
+    w = weight.detach().float()
+    return p @ w.pow(2) - (p @ w).pow(2)
+
+
+def sample_labels(logits: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """ŷ ∼ softmax(z/τ), one label per row of logits."""
+    p = probabilities(logits, temperature)
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
+
+
+def _log_likelihood(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Σ over rows of log softmax(z/τ)[label]."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+    return log_p.gather(-1, labels.long().unsqueeze(-1)).sum()
+
+
+def _labels(logits: Tensor, target: Tensor | None, temperature: float, generator: torch.Generator | None) -> Tensor:
+    return target if target is not None else sample_labels(logits, temperature, generator)
+
+
+def _call(model: nn.Module, inputs: Inputs, parameters: dict[str, Tensor] | None = None) -> Tensor:
+    from fisherkd.distiller import model_logits  # the Distiller imports this package
+
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+    if parameters is None:
+        return model_logits(model(*args, **kwargs))
+    return model_logits(torch.func.functional_call(model, parameters, args, kwargs))
+
+
+def _device_type(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
+
+
+def _fresh_leaf(x: Tensor, tap: str, leaves: dict[str, Tensor]) -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"tap {tap!r}: the Fisher needs a floating-point tensor there, got {type(x).__name__}")
+    leaf = x.detach().float().requires_grad_()
+    leaves[tap] = leaf
+    return leaf.clone()  # a non-leaf copy flows on, so in-place layers downstream (ReLU(inplace)) stay legal
+
+
+def _swap_hook(tap: str, index: int | None, leaves: dict[str, Tensor]) -> Callable[..., Any]:
+    """A forward (pre-)hook that replaces the tapped tensor by a fresh leaf that requires grad."""
+    if index == INPUT:
+        return lambda _module, args: (_fresh_leaf(args[0], tap, leaves), *args[1:])
+
+    def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        if isinstance(output, (tuple, list)):
+            k = 0 if index is None else index
+            return type(output)([*output[:k], _fresh_leaf(output[k], tap, leaves), *output[k + 1 :]])
+        return _fresh_leaf(output, tap, leaves)
+
+    return hook
+
+
+def tapped_gradients(
+    model: nn.Module,
+    inputs: Inputs,
+    taps: Sequence[str],
+    *,
+    target: Tensor | None = None,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """(h, g) for each tapped activation h of ``model``: g = ∂ Σ_n log p(ŷ_n|x_n) / ∂h, from one autograd.grad.
+
+    ŷ is drawn from the model's own prediction at temperature τ (true Fisher), or is ``target`` (empirical
+    Fisher). Forward hooks make each tapped tensor a fresh leaf, so the graph starts there: nothing before the
+    first tap is recorded and, with frozen parameters, no weight gradient is computed. Tap names are module
+    names with the ``:k`` / ``:in`` suffixes of :mod:`fisherkd.taps`.
+    """
+    modules = dict(model.named_modules())
+    leaves: dict[str, Tensor] = {}
+    handles = []
+    try:
+        for tap in taps:
+            name, index = parse_tap(tap)
+            if name not in modules:
+                raise KeyError(f"teacher has no module {name!r}; {nearest(name, [n for n in modules if n])}")
+            module, hook = modules[name], _swap_hook(tap, index, leaves)
+            register = module.register_forward_pre_hook if index == INPUT else module.register_forward_hook
+            handles.append(register(hook))
+        with torch.enable_grad(), torch.autocast(_device_type(model), enabled=False):
+            logits = _call(model, inputs).float()
+            missing = [tap for tap in taps if tap not in leaves]
+            if missing:
+                raise RuntimeError(f"tap {missing[0]!r}: its module did not run in the teacher's forward pass")
+            labels = _labels(logits, target, temperature, generator)
+            grads = torch.autograd.grad(
+                _log_likelihood(logits, labels, temperature), [leaves[t] for t in taps], allow_unused=True
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for tap, grad in zip(taps, grads):
+        if grad is None:
+            raise ValueError(
+                f"tap {tap!r} is not on the path to the teacher's logits (e.g. an attention map a module only "
+                "returns for inspection): tap a tensor the prediction is computed from, such as the attention "
+                "probabilities inside the attention (the zoo ViT's 'blocks.3.attn.probs') or a context output"
+            )
+    return [(leaves[tap].detach(), grad) for tap, grad in zip(taps, grads)]
+
+
+def channel_fisher(diagonal: Tensor) -> Tensor:
+    """Per-sample, per-channel Fisher: the mean over positions of an elementwise diagonal Fisher, shape [B, C].
+
+    ``diagonal`` is g² of one sampled score (so the result is mean over positions of g_c²) or a closed form laid
+    out like the feature. Channels are on axis 1 of B×C×… maps and B×D vectors and last in B×T×D token sequences
+    (one per hidden unit), as in :mod:`fisherkd.functional.features`.
+    """
+    axis = _channel_axis(diagonal) % diagonal.dim()
+    spatial = [d for d in range(1, diagonal.dim()) if d != axis]
+    return diagonal.float().mean(spatial) if spatial else diagonal.float()
+
+
+def position_fisher(diagonal: Tensor) -> Tensor:
+    """Per-sample map Σ_c of an elementwise diagonal Fisher (g² or a closed form) over the positions of a B×C×H×W
+    map (shape B×H×W) or the tokens of a B×T×D sequence (shape B×T)."""
+    if diagonal.dim() < 3:
+        raise ValueError(f"a per-position Fisher needs a map or a token sequence, got shape {tuple(diagonal.shape)}")
+    return diagonal.float().sum(_channel_axis(diagonal))
+
+
+def head_gate_fisher(value: Tensor, grad: Tensor, num_heads: int | None = None) -> Tensor:
+    """Per-sample Fisher of a multiplicative gate ξ_h on each attention head, (∂ log p/∂ξ_h)², shape [B, H].
+
+    At ξ = 1, ∂ log p/∂ξ_h = Σ_tokens ⟨o_h, ∂ log p/∂o_h⟩ for the head's output o_h. From a B×T×D context
+    (heads concatenated on D, ``num_heads`` given) that is the sum over tokens and the head's slice of h·g; from
+    B×H×T×T attention probabilities A (which reach the output only through o_h = A_h V_h) the same number is
+    Σ_{q,k} A·∂ log p/∂A, because o_h is linear in A_h.
+    """
+    product = value.float() * grad.float()
+    if product.dim() == 4:
+        return product.sum((2, 3)).pow(2)
+    if product.dim() == 3 and num_heads:
+        batch, length, width = product.shape
+        if width % num_heads:
+            raise ValueError(f"head Fisher: width {width} is not divisible by num_heads={num_heads}")
+        return product.reshape(batch, length, num_heads, width // num_heads).sum((1, 3)).pow(2)
+    raise ValueError(
+        f"head Fisher: tap B×H×T×T attention probabilities or a B×T×D context with num_heads set, got shape "
+        f"{tuple(value.shape)}"
+    )
+
+
+def parameter_fisher(
+    model: nn.Module,
+    inputs: Inputs,
+    names: Sequence[str],
+    *,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """Diagonal parameter Fisher E[(∂ log p(ŷ|x)/∂θ_i)²] of the named parameters, ŷ sampled from the model.
+
+    One backward of Σ_n log p(ŷ_n|x_n) through ``torch.func.functional_call`` with detached copies of the named
+    parameters (the model's own stay frozen); (Σ_n g_n)²/N is unbiased for the per-sample Fisher (see the module
+    docstring). Sampled labels only: with ground-truth labels E[g_n] ≠ 0 and the cross terms would not vanish.
+    """
+    own = dict(model.named_parameters())
+    leaves = {name: own[name].detach().float().requires_grad_() for name in names}
+    with torch.enable_grad(), torch.autocast(_device_type(model), enabled=False):
+        logits = _call(model, inputs, leaves).float()
+        labels = sample_labels(logits, temperature, generator)
+        log_likelihood = _log_likelihood(logits, labels, temperature)
+        grads = torch.autograd.grad(log_likelihood, list(leaves.values()), allow_unused=True)
+    rows = labels.numel()
+    return [torch.zeros_like(leaf) if g is None else g.pow(2) / rows for leaf, g in zip(leaves.values(), grads)]
+
+
+def head_input_layout(per_unit: Tensor, feature_shape: Sequence[int]) -> Tensor:
+    """Lay the per-unit closed form of :func:`linear_head_fisher` ([N, D]) out like the tapped feature [N, ...].
+
+    The head sees the feature either flattened (D = its size per sample: the units are its elements) or pooled over
+    positions (D = its channel count: every position of channel c gets F_c, which is, up to the constant 1/P²
+    that the normalization removes, the Fisher of each element of a mean-pooled map).
+    """
+    shape = tuple(feature_shape[1:])
+    rows, width = per_unit.shape
+    if width == math.prod(shape):
+        return per_unit.reshape(rows, *shape)
+    axis = _channel_axis(torch.empty(0, *shape, device="meta")) % (len(shape) + 1)
+    if len(shape) >= 2 and shape[axis - 1] == width:
+        view = [rows] + [1] * len(shape)
+        view[axis] = width
+        return per_unit.reshape(view).expand(rows, *shape)
+    raise ValueError(
+        f"linear_head Fisher: the head takes {width} inputs, but the tapped teacher feature has shape "
+        f"{[rows, *shape]}: tap the head's input (e.g. 'head:in'), a map it sees flattened, or a map it sees "
+        "average-pooled (as many channels as inputs)"
+    )

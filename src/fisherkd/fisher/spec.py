@@ -1,0 +1,93 @@
+"""The ``fisher:`` block of a method spec: which axis to weight, how to estimate the teacher's Fisher there, and
+the normalization and schedule of the weights."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fisherkd.methods.base import nearest
+
+Axis = Literal["sample", "class", "channel", "position", "head", "token", "parameter"]
+Estimator = Literal["logit", "linear_head", "sampled", "empirical"]
+
+# The estimators each axis accepts; the first is its default.
+ESTIMATORS: dict[str, tuple[str, ...]] = {
+    "sample": ("logit", "linear_head"),
+    "class": ("logit",),
+    "channel": ("sampled", "empirical", "linear_head"),
+    "position": ("sampled", "empirical", "linear_head"),
+    "head": ("sampled", "empirical"),
+    "token": ("logit", "sampled", "empirical"),
+    "parameter": ("sampled",),
+}
+
+# Axes whose weights belong to the samples of the current batch: estimated on the whole batch every step and
+# normalized within it (no EMA, no schedule). The other axes are properties of the teacher: EMA statistics.
+PER_BATCH_AXES = frozenset({"sample", "position", "token"})
+
+
+class FisherSpec(BaseModel):
+    """Fisher weighting of one method's loss along one axis. Only ``axis`` is required.
+
+    YAML (in a method entry)::
+
+        - name: fitnet
+          pairs: [[features, features]]
+          fisher: {axis: channel, estimator: linear_head, gamma: 0.5}
+
+    Estimators: ``logit`` (closed form at the teacher's logits: p(1 − p) per class, 1 − ‖p‖² per sample or token),
+    ``linear_head`` (closed form at the input of the teacher's linear classifier ``head``), ``sampled`` (one
+    backward of log p(ŷ) with ŷ drawn from the teacher, to the activation ``tap``), ``empirical`` (the same with
+    the ground-truth labels). Weights are ``normalize(statistic, gamma, lam)`` (see
+    :func:`fisherkd.fisher.normalize`), mean 1 along the axis; gamma = 0 or lam = 0 is the unweighted method.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    axis: Axis = Field(description="what to weight: sample, class, channel, position, head, token or parameter")
+    estimator: Estimator | None = Field(None, description="default: logit for sample/class/token, else sampled")
+    tap: str | None = Field(None, description="teacher tap of the activation Fisher; default: the method's first pair")
+    head: str | None = Field(None, description="teacher's linear classifier for linear_head; default: its last Linear")
+    num_heads: int | None = Field(None, ge=1, description="heads of a B×T×D context tap (head axis)")
+    temperature: float = Field(1.0, gt=0, description="of the teacher's softmax in the estimators")
+    gamma: float = Field(1.0, ge=0, description="exponent on the importances: 0 = uniform, <1 flattens, >1 sharpens")
+    lam: float = Field(1.0, ge=0, le=1, description="mix with uniform weights: w = (1 − lam) + lam·u/mean u")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps over which lam rises linearly from 0")
+    every: int = Field(4, ge=1, description="EMA axes: update the statistic every this many optimizer steps")
+    fraction: float = Field(0.25, gt=0, le=1, description="EMA axes: share of the batch used by an update")
+    ema: float = Field(0.99, ge=0, lt=1, description="EMA decay of the statistic (bias-corrected)")
+    freeze_after: int | None = Field(None, ge=0, description="EMA axes: stop updating after this many steps")
+    floor: float = Field(1e-3, ge=0, description="importances below floor·mean are raised to it")
+    clip: tuple[float, float] = Field((0.1, 10.0), description="bounds of the weights (lo <= 1 <= hi)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise ValueError(f"fisher: unknown key {key!r}; {nearest(key, list(cls.model_fields))}")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FisherSpec:
+        allowed = ESTIMATORS[self.axis]
+        if self.estimator is not None and self.estimator not in allowed:
+            raise ValueError(
+                f"fisher: axis {self.axis!r} takes the estimators {', '.join(allowed)}, not {self.estimator!r}"
+            )
+        lo, hi = self.clip
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"fisher: clip must satisfy 0 < lo <= 1 <= hi, got {list(self.clip)}")
+        return self
+
+    @property
+    def resolved_estimator(self) -> str:
+        return self.estimator or ESTIMATORS[self.axis][0]
+
+    @property
+    def active(self) -> bool:
+        """False when the weights are all ones by construction (gamma = 0 or lam = 0): nothing is estimated."""
+        return self.gamma > 0 and self.lam > 0

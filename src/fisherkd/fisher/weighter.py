@@ -1,0 +1,255 @@
+"""``FisherWeighter``: the importance weights of one method, from the teacher's Fisher information.
+
+The Distiller owns one weighter per method that has a ``fisher:`` block and calls it after the teacher's forward
+pass; the weights go to the method as ``MethodInputs.weights[axis]``. Two kinds of axis:
+
+- per batch (``sample``, ``position``, ``token``): a weight for each sample / position / token of *this* batch,
+  estimated on the whole batch every step and normalized within each sample (over the batch for ``sample``).
+  With the closed forms (``logit``, ``linear_head``) this costs a few small kernels; with an activation Fisher it
+  costs a teacher forward and a partial backward every step, so it is opt-in.
+- teacher properties (``class``, ``channel``, ``head``, ``parameter``): an EMA of the batch statistic, updated
+  every ``every`` optimizer steps on the first ``fraction`` of the batch (batches are shuffled), all-reduced
+  across DDP ranks, optionally frozen after ``freeze_after`` steps. The weights are recomputed only when the
+  statistic or λ changes.
+
+Nothing here reads a tensor on the host: no per-step synchronisation is added to the training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fisherkd.fisher import estimators as E
+from fisherkd.fisher.normalize import normalize, ramp
+from fisherkd.fisher.spec import PER_BATCH_AXES, FisherSpec
+from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
+from fisherkd.methods.base import nearest
+
+
+@dataclass
+class FisherBatch:
+    """What a weighter reads for one batch. ``feature`` is the teacher tensor at the weighter's tap from this
+    batch's forward pass (when the Distiller taps it); ``quiet`` silences the Distiller's own taps while the
+    weighter runs an extra teacher pass, so that pass cannot overwrite the features the methods will read."""
+
+    inputs: Tensor | Mapping[str, Tensor]
+    teacher: nn.Module
+    teacher_logits: Tensor
+    target: Tensor | None = None
+    feature: Tensor | None = None
+    mask: Tensor | None = None
+    quiet: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def weight_stats(weights: Tensor) -> dict[str, Tensor]:
+    """Diagnostics of a weight tensor: normalized entropy H(w/Σw)/log n (1 = uniform, lower = concentrated) and
+    the max/min ratio. Detached device scalars: the trainer sums them and reads them once per log interval."""
+    w = weights.detach().float().flatten()
+    q = w / w.sum()
+    entropy = -(q * q.log()).sum() / math.log(w.numel()) if w.numel() > 1 else torch.ones((), device=w.device)
+    return {"entropy": entropy, "max_min": w.max() / w.min()}
+
+
+def _first_rows(inputs: Tensor | Mapping[str, Tensor], rows: int) -> Tensor | Mapping[str, Tensor]:
+    if isinstance(inputs, Mapping):
+        return {k: v[:rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
+    return inputs[:rows]
+
+
+class FisherWeighter(nn.Module):
+    """Weights for one method along ``spec.axis``. ``label`` names the method in messages and logs, ``tap`` is the
+    default activation (the method's first teacher tap) and ``parameter_names`` the teacher parameters of the
+    ``parameter`` axis, in the order the method reads them."""
+
+    def __init__(
+        self, spec: FisherSpec, label: str, tap: str | None = None, parameter_names: Sequence[str] = ()
+    ) -> None:
+        super().__init__()
+        self.spec, self.label = spec, label
+        self.axis, self.estimator = spec.axis, spec.resolved_estimator
+        self.tap = spec.tap or tap
+        self.parameter_names = list(parameter_names)
+        where = f"method {label!r}, fisher axis {self.axis!r}"
+        needs_tap = self.axis not in ("sample", "class", "parameter") and not (
+            self.axis == "token" and self.estimator == "logit"
+        )
+        if needs_tap and self.tap is None:
+            raise ValueError(f"{where}: the {self.estimator} estimator needs a teacher activation: set fisher.tap")
+        if self.axis == "parameter" and not self.parameter_names:
+            raise ValueError(f"{where}: no teacher parameters to weight")
+        self.statistic = None if self.axis in PER_BATCH_AXES else EMAStatistic(spec.ema)
+        self.step = 0  # optimizer steps seen, advanced by after_optimizer_step
+        self._last_update = -1
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
+        self._cache: tuple[tuple, Tensor, dict[str, Tensor]] | None = None
+        self._head_name: str | None = spec.head
+        self.last_weights: Tensor | None = None
+
+    # -- the weights -------------------------------------------------------------------------------------------
+    def forward(self, batch: FisherBatch) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """(weights, diagnostics) for this batch; weights None means unweighted (γ = 0, λ = 0, or no statistic
+        yet)."""
+        if not self.spec.active:
+            return None, {}
+        lam = ramp(self.step, self.spec.lam, self.spec.warmup_steps)
+        if self.statistic is None:
+            importance, mask = self._per_batch_importance(batch)
+            weights = self._normalize(importance.flatten(1), lam, None if mask is None else mask.flatten(1))
+            weights = weights.view(importance.shape)
+            self.last_weights = weights.detach()
+            return weights, weight_stats(weights)
+        if self.training and self._due():
+            self._update(batch)
+        statistic = self.statistic.read()
+        if statistic is None:
+            return None, {}
+        key = (self.statistic.updates, lam, statistic.device)
+        if self._cache is None or self._cache[0] != key:
+            weights = self._normalize(statistic, lam)
+            self._cache = (key, weights, weight_stats(weights))
+            self.last_weights = weights
+        return self._cache[1], self._cache[2]
+
+    def _normalize(self, importance: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
+        s = self.spec
+        return normalize(importance, s.gamma, lam, floor=s.floor, clip=s.clip, mask=mask)
+
+    def _due(self) -> bool:
+        frozen = self.spec.freeze_after is not None and self.step >= self.spec.freeze_after
+        return not frozen and self.step % self.spec.every == 0 and self._last_update != self.step
+
+    # -- estimation --------------------------------------------------------------------------------------------
+    def _per_batch_importance(self, batch: FisherBatch) -> tuple[Tensor, Tensor | None]:
+        """Raw importances with the batch in front: [1, N] for samples (normalized over the batch), B×P maps."""
+        logits, tau = batch.teacher_logits, self.spec.temperature
+        if self.axis == "sample":
+            if self.estimator == "logit":
+                raw = E.logit_fisher_trace(logits, tau)
+            else:
+                raw = E.linear_head_fisher(logits, self._head_weight(batch), tau).sum(-1)
+            mask = batch.mask if batch.mask is not None and batch.mask.shape == raw.shape else None
+            return raw.reshape(1, -1), None if mask is None else mask.reshape(1, -1)
+        if self.axis == "token" and self.estimator == "logit":
+            if logits.dim() != 3:
+                raise ValueError(
+                    f"method {self.label!r}: token weights from the logit Fisher need per-token logits B×T×C, got "
+                    f"{tuple(logits.shape)}; use fisher.estimator: sampled with a tap on the tokens"
+                )
+            return E.logit_fisher_trace(logits, tau), batch.mask
+        importance = E.position_fisher(self._elementwise(batch, logits.shape[0]))
+        return importance, batch.mask if self.axis == "token" else None
+
+    def _update(self, batch: FisherBatch) -> None:
+        """One EMA update from the first ⌈fraction·B⌉ samples of the batch."""
+        logits = batch.teacher_logits
+        rows = max(1, math.ceil(self.spec.fraction * logits.shape[0]))
+        if self.axis == "class":
+            per_row = E.logit_fisher_diagonal(logits[:rows], self.spec.temperature).reshape(-1, logits.shape[-1])
+            total, count = per_row.sum(0), per_row.shape[0]
+        elif self.axis == "channel":
+            total, count = E.channel_fisher(self._elementwise(batch, rows)).sum(0), rows
+        elif self.axis == "head":
+            value, grad = self._scores(batch, rows)
+            total, count = E.head_gate_fisher(value, grad, self.spec.num_heads).sum(0), rows
+        else:  # parameter
+            with batch.quiet():
+                fisher = E.parameter_fisher(
+                    batch.teacher,
+                    _first_rows(batch.inputs, rows),
+                    self.parameter_names,
+                    temperature=self.spec.temperature,
+                    generator=self._rng(logits.device),
+                )
+            total, count = torch.cat([f.flatten() for f in fisher]) * rows, rows
+        self.statistic.update(all_reduce_mean(total, count))
+        self._last_update = self.step
+
+    def _elementwise(self, batch: FisherBatch, rows: int) -> Tensor:
+        """Elementwise diagonal Fisher at the tap for the first ``rows`` samples, laid out like the feature."""
+        if self.estimator == "linear_head":
+            if batch.feature is None:
+                raise ValueError(
+                    f"method {self.label!r}: linear_head weights apply to the method's own teacher feature; leave "
+                    "fisher.tap unset or set it to the teacher side of the method's first pair"
+                )
+            logits = batch.teacher_logits[:rows]
+            per_unit = E.linear_head_fisher(logits, self._head_weight(batch), self.spec.temperature)
+            return E.head_input_layout(per_unit.reshape(rows, -1), batch.feature.shape)
+        return self._scores(batch, rows)[1].pow(2)
+
+    def _scores(self, batch: FisherBatch, rows: int) -> tuple[Tensor, Tensor]:
+        target = batch.target[:rows] if self.estimator == "empirical" and batch.target is not None else None
+        if self.estimator == "empirical" and target is None:
+            raise ValueError(f"method {self.label!r}: the empirical Fisher needs labels: call the distiller with them")
+        with batch.quiet():
+            ((value, grad),) = E.tapped_gradients(
+                batch.teacher,
+                _first_rows(batch.inputs, rows),
+                [self.tap],
+                target=target,
+                temperature=self.spec.temperature,
+                generator=self._rng(batch.teacher_logits.device),
+            )
+        return value, grad
+
+    def _head_weight(self, batch: FisherBatch) -> Tensor:
+        modules = dict(batch.teacher.named_modules())
+        if self._head_name is None:
+            linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+            if not linear:
+                raise ValueError(f"method {self.label!r}: linear_head Fisher: the teacher has no nn.Linear head")
+            self._head_name = linear[-1]
+        head = modules.get(self._head_name)
+        if not isinstance(head, nn.Linear):
+            choices = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ValueError(f"method {self.label!r}: fisher.head {self._head_name!r} is not an nn.Linear of the "
+                             f"teacher; {nearest(self._head_name, choices)}")
+        if head.out_features != batch.teacher_logits.shape[-1]:
+            raise ValueError(
+                f"method {self.label!r}: fisher.head {self._head_name!r} has {head.out_features} outputs, but the "
+                f"teacher gives {batch.teacher_logits.shape[-1]} logits: name the classifier with fisher.head"
+            )
+        return head.weight
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        # Its own generator: sampling labels leaves the global random stream (dropout, augmentation) untouched.
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device)
+            try:
+                if self._generator_state is None:
+                    raise RuntimeError
+                self._generator.set_state(self._generator_state)
+            except RuntimeError:  # fresh, or a state saved on another kind of device
+                self._generator.manual_seed((torch.initial_seed() + zlib.crc32(self.label.encode())) % 2**63)
+        return self._generator
+
+    # -- schedule and checkpoints ------------------------------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        self.step += 1
+
+    def get_extra_state(self) -> dict[str, Any]:
+        generator = self._generator.get_state() if self._generator is not None else self._generator_state
+        return {"step": self.step, "last_update": self._last_update, "generator": generator}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step, self._last_update = int(state["step"]), int(state["last_update"])
+        self._generator_state, self._generator, self._cache = state["generator"], None, None
+
+    def heatmap(self) -> Tensor | None:
+        """The current weights to draw: per class / channel / head, or the batch-mean position map."""
+        if self.last_weights is None or self.axis in ("sample", "token", "parameter"):
+            return None
+        return self.last_weights.mean(0) if self.axis == "position" else self.last_weights
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"axis={self.axis}, estimator={self.estimator}, tap={self.tap}, gamma={s.gamma}, lam={s.lam}"

@@ -1,0 +1,14 @@
+"""Hugging Face Transformers integration: token-level LM distillation losses and an offline top-k teacher cache."""
+
+from fisherkd.hf.teacher_cache import CachedTeacher, TopKTeacherBatch, cache_teacher_topk, topk_distillation_loss
+from fisherkd.hf.token_losses import DIVERGENCES, Divergence, token_distillation_loss
+
+__all__ = [
+    "DIVERGENCES",
+    "CachedTeacher",
+    "Divergence",
+    "TopKTeacherBatch",
+    "cache_teacher_topk",
+    "token_distillation_loss",
+    "topk_distillation_loss",
+]

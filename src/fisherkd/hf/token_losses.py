@@ -1,0 +1,278 @@
+"""Token-level language-model distillation with bounded memory.
+
+A causal LM emits logits B×T×V; distillation scores every *valid* token (label ≠ ``ignore_index``) with a
+divergence between the student's and the teacher's next-token distributions p = softmax(z/τ):
+
+    forward_kl       τ²·KL(p_t ‖ p_s)                                  (Hinton et al. 2015; GKD's "forward")
+    reverse_kl       τ²·KL(p_s ‖ p_t)                                  (MiniLLM, Gu et al., ICLR 2024)
+    jsd              (1−β)·KL(p_t ‖ M) + β·KL(p_s ‖ M), M = β·p_t + (1−β)·p_s   (GKD, Agarwal et al., ICLR 2024)
+    tvd              ½·Σ_c |p_t,c − p_s,c|
+    skew_kl          KL(p_t ‖ α·p_t + (1−α)·p_s)                       (DistiLLM, Ko et al., ICML 2024)
+    skew_reverse_kl  KL(p_s ‖ α·p_s + (1−α)·p_t)                       (DistiLLM)
+
+Each per-token value is exactly that of the same-named function in :mod:`fisherkd.functional.logits`
+(``kd``, ``reverse_kl``, ``jsd``, ``tvd``, ``skew_kl``, ``skew_reverse_kl``), which also fix where τ² appears.
+
+Memory. At V = 50k–250k and thousands of tokens, the fp32 [tokens × V] probabilities, and the several copies
+that autograd saves for the backward pass, dwarf the model's activations. Here tokens are processed in chunks
+(as the Liger kernel does): for each chunk the forward pass computes the loss *and* the closed-form gradient
+with respect to the student logits, writes that gradient into one preallocated buffer in the logits' dtype,
+and frees the chunk. The backward pass only scales the buffer by the incoming gradient. So the extra memory is
+one gradient-sized buffer (which any implementation must produce) plus O(chunk_size × V) work space.
+
+Gradients. Write u = z_s/τ and, for any loss ℓ(p_s), h = p_s ⊙ ∂ℓ/∂p_s. The softmax Jacobian gives
+∂ℓ/∂u = h − p_s·Σ_c h_c, and ∂ℓ/∂z_s = (∂ℓ/∂u)/τ, times τ² where the loss has it. (A constant added to
+∂ℓ/∂p_s cancels, so the "+1" terms of d(p log p) are dropped.) With M the relevant mixture:
+    forward_kl       h = −p_t                                  → ∂ℓ/∂z_s = τ·(p_s − p_t)
+    reverse_kl       h = p_s·(log p_s − log p_t)
+    jsd              h = β·p_s·(log p_s − log M) − (1−β)²·p_t·p_s/M − β(1−β)·p_s²/M
+    tvd              h = ½·p_s·sign(p_s − p_t)
+    skew_kl          h = −(1−α)·p_t·p_s/M
+    skew_reverse_kl  h = p_s·(log p_s − log M) − α·p_s²/M
+The ratios are evaluated as exp of sums of logs; each is bounded (M ≥ β·p_t, M ≥ (1−β)·p_s, ...), and terms
+whose coefficient is zero are skipped so that the end points β, α ∈ {0, 1} stay finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from fisherkd.functional.logits import _kl, _log_mixture, _log_probs
+
+__all__ = ["DIVERGENCES", "Divergence", "token_distillation_loss"]
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+
+# Log-probabilities are floored here so that an empty class or bucket (log 0 = −inf, e.g. the tail bucket of
+# a top-k cache with k = V, or a logit masked with −inf) contributes 0·finite = 0 instead of 0·(−inf) = NaN.
+# exp(−1e30) is exactly 0 in float32, so a real log-probability is never changed.
+LOG_FLOOR = -1e30
+
+# (chunk rows, student logits of those rows, need gradient) → (per-row loss, per-row ∂loss/∂logits or None)
+ChunkFn = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-token divergences and their gradients
+
+
+def check_divergence(divergence: str, beta: float, alpha: float) -> None:
+    """Raise a ValueError for an unknown divergence or a mixture weight outside [0, 1]."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def loss_scale(divergence: str, temperature: float) -> float:
+    """τ² for the two KLs (as ``functional.kd`` and ``functional.reverse_kl``), 1 for the others."""
+    return temperature**2 if divergence in ("forward_kl", "reverse_kl") else 1.0
+
+
+def divergence_and_h(
+    log_p_s: Tensor, log_p_t: Tensor, divergence: str, beta: float = 0.5, alpha: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """Per-row divergence between two distributions given as log-probabilities [n, K] (fp32), unscaled by τ²,
+    and h = p_s ⊙ ∂ℓ/∂p_s [n, K] up to a per-row multiple of p_s (see the module docstring)."""
+    if divergence == "forward_kl":
+        return _kl(log_p_t, log_p_s), -log_p_t.exp()
+    p_s = log_p_s.exp()
+    if divergence == "reverse_kl":
+        return _kl(log_p_s, log_p_t), p_s * (log_p_s - log_p_t)
+    if divergence == "tvd":
+        diff = p_s - log_p_t.exp()
+        return 0.5 * diff.abs().sum(-1), 0.5 * p_s * diff.sign()
+    if divergence == "jsd":
+        log_m = _log_mixture(log_p_t, log_p_s, beta)
+        value = (1.0 - beta) * _kl(log_p_t, log_m) + beta * _kl(log_p_s, log_m)
+        h = beta * p_s * (log_p_s - log_m)
+        if beta < 1.0:
+            h -= (1.0 - beta) ** 2 * (log_p_t + log_p_s - log_m).exp()
+            if beta > 0.0:
+                h -= beta * (1.0 - beta) * (2.0 * log_p_s - log_m).exp()
+        return value, h
+    if divergence == "skew_kl":
+        log_m = _log_mixture(log_p_t, log_p_s, alpha)
+        return _kl(log_p_t, log_m), -(1.0 - alpha) * (log_p_t + log_p_s - log_m).exp()
+    if divergence == "skew_reverse_kl":
+        log_m = _log_mixture(log_p_s, log_p_t, alpha)
+        h = p_s * (log_p_s - log_m)
+        if alpha > 0.0:
+            h -= alpha * (2.0 * log_p_s - log_m).exp()
+        return _kl(log_p_s, log_m), h
+    raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def floored_log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(z/τ) in fp32, with −inf raised to ``LOG_FLOOR``."""
+    return _log_probs(logits, temperature).clamp_min_(LOG_FLOOR)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token selection and the chunked autograd function
+
+
+def select_tokens(
+    labels: Tensor,
+    shift: bool,
+    ignore_index: int,
+    token_weight: Tensor | None,
+    reduction: str,
+    num_items: int | float | Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Flat indices of the scored logit rows, and each row's weight including the normalizer.
+
+    With ``shift`` the logits at position t are scored against the label at t + 1 (as Hugging Face's causal
+    LM loss): the last position of every sequence is never scored. ``token_weight`` is aligned with the
+    logits (position t weighs the prediction made at t).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if shift:
+        valid = torch.zeros_like(labels, dtype=torch.bool)
+        valid[..., :-1] = labels[..., 1:] != ignore_index
+    else:
+        valid = labels != ignore_index
+    rows = valid.flatten().nonzero().squeeze(1)
+    if token_weight is None:
+        weight = torch.ones(rows.numel(), dtype=torch.float32, device=labels.device)
+    else:
+        if token_weight.shape != labels.shape:
+            raise ValueError(
+                f"token_weight has shape {tuple(token_weight.shape)} but labels have shape {tuple(labels.shape)}"
+            )
+        weight = token_weight.detach().flatten().index_select(0, rows).float()
+    if reduction == "mean":
+        # num_items: the valid-token count over all gradient-accumulation micro-batches, so that their summed
+        # losses equal the mean over the whole batch. Without it, the count of this call's tokens.
+        divisor = float(num_items) if num_items is not None else float(rows.numel())
+        weight = weight / max(divisor, 1.0)
+    return rows, weight
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    """Σ_rows w_r·ℓ_r over ``rows`` of the flat student logits [N, V], computed ``chunk_size`` rows at a time.
+
+    The gradient with respect to the logits is produced in the forward pass (by ``chunk_fn``) into a buffer of
+    the logits' shape and dtype; the backward pass scales it in place and hands it over, so it can run once.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, student: Tensor, rows: Tensor, weight: Tensor, chunk_fn: ChunkFn, chunk_size: int
+    ) -> Tensor:
+        want_grad = bool(ctx.needs_input_grad[0])
+        grad = torch.zeros_like(student) if want_grad else None
+        total = torch.zeros((), dtype=weight.dtype, device=student.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start : start + chunk_size]
+            w = weight[start : start + chunk_size]
+            loss, g = chunk_fn(r, student.index_select(0, r), want_grad)
+            total += (w * loss).sum()
+            if grad is not None and g is not None:
+                # a truncated vocabulary gives a narrower g: the remaining columns keep their zero gradient
+                grad[r, : g.shape[-1]] = g.mul_(w.unsqueeze(-1)).to(grad.dtype)
+        ctx.grad = grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "the chunked token loss computes its gradient once, in the forward pass; backward through it a "
+                "second time (retain_graph=True) is not supported"
+            )
+        ctx.grad = None  # hand the buffer over instead of holding a second copy
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None
+
+
+def chunked_token_loss(student_logits: Tensor, rows: Tensor, weight: Tensor, chunk_fn: ChunkFn, chunk_size: int):
+    """Apply the chunked autograd function to logits [..., V] (viewed as [N, V] without a copy when contiguous)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    flat = student_logits.reshape(-1, student_logits.shape[-1])
+    # sums in fp32 at least (fp64 for fp64 logits, which the tests use for exact comparisons)
+    weight = weight.to(torch.promote_types(student_logits.dtype, torch.float32))
+    return _ChunkedTokenLoss.apply(flat, rows, weight, chunk_fn, chunk_size)
+
+
+def softmax_backward(h: Tensor, p_s: Tensor, scale: float) -> Tensor:
+    """scale·(h − p_s·Σ_c h_c), in place in h: the gradient through the softmax (see the module docstring)."""
+    return h.addcmul_(p_s, h.sum(-1, keepdim=True), value=-1.0).mul_(scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public loss
+
+
+def token_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    chunk_size: int = 1024,
+    shift: bool = True,
+    ignore_index: int = -100,
+    token_weight: Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    num_items: int | float | Tensor | None = None,
+    vocab_truncation: bool = False,
+) -> Tensor:
+    """Token-level distillation loss between a student's and a teacher's LM logits [B, T, V] (any float dtype;
+    computed in fp32).
+
+    loss = Σ_{valid t} w_t·ℓ(p_s,t, p_t,t) / N, with ℓ the ``divergence`` (module docstring; ``beta`` is the
+    JSD interpolation, ``alpha`` the skew), p = softmax(z/τ), valid tokens those whose label is not
+    ``ignore_index`` (so padding and masked prompts count for nothing), w the optional ``token_weight`` [B, T]
+    aligned with the logits (e.g. Fisher per-token weights, mean 1 over the valid tokens), and N the number of
+    valid tokens, or ``num_items`` when given (Hugging Face's ``num_items_in_batch``: the count over all
+    gradient-accumulation micro-batches, which makes accumulation exact). ``reduction="sum"`` drops N.
+
+    ``shift=True`` (causal LM) scores the logits at t against the label at t + 1, as Hugging Face does.
+    Tokens are processed ``chunk_size`` at a time, forward and backward, so only O(chunk_size × V) fp32 work
+    space is held besides the gradient. The teacher gets no gradient. Backward may run once per call.
+
+    Teacher and student must share the vocabulary. ``vocab_truncation=True`` scores only the first min(V_s, V_t)
+    entries of both (each renormalized there): right when one model's embedding matrix is merely padded (e.g.
+    to a multiple of 64) over the same tokenizer, meaningless if the tokenizers differ.
+    """
+    check_divergence(divergence, beta, alpha)
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "must agree in every dimension but the last (vocabulary)"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(student_logits.shape[:-1])}")
+    v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
+    if v_s != v_t and not vocab_truncation:
+        raise ValueError(
+            f"student vocabulary size {v_s} differs from teacher vocabulary size {v_t}; if both use the same "
+            "tokenizer and one embedding matrix is only padded, set vocab_truncation=True to score the first "
+            f"{min(v_s, v_t)} entries"
+        )
+    vocab = min(v_s, v_t)
+    teacher = teacher_logits.detach().reshape(-1, v_t)
+    scale = loss_scale(divergence, temperature)
+
+    def chunk_fn(r: Tensor, z_s: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+        log_p_s = floored_log_probs(z_s[:, :vocab], temperature)
+        log_p_t = floored_log_probs(teacher.index_select(0, r)[:, :vocab], temperature)
+        value, h = divergence_and_h(log_p_s, log_p_t, divergence, beta, alpha)
+        del log_p_t
+        grad = softmax_backward(h, log_p_s.exp_(), scale / temperature) if want_grad else None
+        return value * scale, grad
+
+    rows, weight = select_tokens(labels, shift, ignore_index, token_weight, reduction, num_items)
+    return chunked_token_loss(student_logits, rows, weight, chunk_fn, chunk_size)
