@@ -12,8 +12,8 @@ def test_demo_prints_a_table_and_writes_results_and_plot(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "test acc %" in out and "scratch" in out and "kd" in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert [r["seeds"] for r in results["results"]] == [2] * len(results["results"])
-    assert all(0.0 <= r["accuracy_mean"] <= 100.0 and len(r["accuracies"]) == 2 for r in results["results"])
+    assert [r["seeds"] for r in results["rows"]] == [2] * len(results["rows"])
+    assert all(0.0 <= r["accuracy_mean"] <= 100.0 and len(r["accuracies"]) == 2 for r in results["rows"])
     assert 0 < results["teacher_accuracy"] <= 100
     assert (tmp_path / "demo" / "comparison.png").stat().st_size > 10_000
-    assert (tmp_path / "demo" / "results.md").read_text().count("\n|") >= len(results["results"])
+    assert (tmp_path / "demo" / "results.md").read_text().count("\n|") >= len(results["rows"])

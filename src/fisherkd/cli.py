@@ -60,6 +60,20 @@ def methods_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    import yaml
+
+    from fisherkd.compare import run_compare
+
+    path = Path(args.config)
+    if not path.exists():
+        raise ConfigError(f"compare file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    output = Path(args.output) if args.output else Path("runs") / f"compare-{path.stem}"
+    run_compare(raw, output, seeds=args.seeds, methods=methods, overrides=args.overrides)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from fisherkd.demo import run_demo
 
@@ -86,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--markdown", action="store_true", help="the README's table")
     methods.add_argument("--family", help="only this family (logit, feature, relation, attention, ...)")
     methods.set_defaults(func=cmd_methods)
+
+    compare = sub.add_parser("compare", help="one teacher, several recipes × seeds → table, CSV and plot")
+    compare.add_argument("config", help="a run config, optionally with variants: and compare: blocks")
+    compare.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
+    compare.add_argument("--methods", help="comma-separated method names, each compared with scratch")
+    compare.add_argument("--seeds", type=int, default=3)
+    compare.add_argument("--output", help="default: runs/compare-<config name>")
+    compare.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="distil a 1-D CNN into an MLP on MNIST-1D and compare methods")
     demo.add_argument("--output", default="runs/demo", help="where the runs, table and plots go")

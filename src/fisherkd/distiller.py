@@ -195,6 +195,16 @@ class Distiller(nn.Module):
             stats.update({f"fisher.{label}.{weighter.axis}.{k}": v for k, v in diagnostics.items()})
         return weights, stats
 
+    def fisher_heatmaps(self) -> dict[str, Tensor]:
+        """The current Fisher weights worth drawing (per class, channel, head; mean position map), by label."""
+        maps = {}
+        for label, weighter in self.fisher.items():
+            values = weighter.heatmap()
+            if values is not None:
+                where = weighter.tap or "logits"
+                maps[f"{label}: {weighter.axis} weights ({weighter.estimator} Fisher at {where})"] = values
+        return maps
+
     def _term_names(self) -> list[str]:
         seen: dict[str, int] = {}
         names = []

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from fisherkd.tracking import read_metrics  # noqa: E402
 
@@ -58,6 +59,47 @@ def plot_comparison(
     if reference:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_fisher_weights(weights: Mapping[str, Tensor], path: str | Path, width: int = 32) -> Path:
+    """Heat map of Fisher weights, one panel per weighted method and axis (e.g. ``plots/fisher_weights.png``).
+
+    Vectors (per class, channel or head) wrap into rows of ``width`` cells in index order; 2-D maps (the mean
+    per-position weights) are drawn as they are. Colours are on a log scale centred on 1, the mean weight: red
+    cells count more than average in the loss, blue ones less.
+    """
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    panels = []
+    for label, w in weights.items():
+        values = w.detach().float().cpu().numpy()
+        if values.ndim == 1:
+            rows = -(-values.size // width)
+            grid = np.full(rows * min(width, values.size), np.nan)
+            grid[: values.size] = values
+            values = grid.reshape(rows, min(width, values.size))
+        panels.append((label, values))
+    low = min(float(np.nanmin(v)) for _, v in panels)
+    high = max(float(np.nanmax(v)) for _, v in panels)
+    bound = max(high, 1.0 / low, 1.001)
+    heights = [max(1.0, 0.35 * v.shape[0] + 0.9) for _, v in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights) + 0.6), squeeze=False)
+    for ax, (label, values) in zip(axes[:, 0], panels):
+        image = ax.imshow(values, cmap="coolwarm", norm=LogNorm(1.0 / bound, bound), aspect="auto",
+                          interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_yticks(range(values.shape[0]), [str(r * values.shape[1]) for r in range(values.shape[0])],
+                      fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="weight")
+    axes[-1, 0].set_xlabel("index (row label + column)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

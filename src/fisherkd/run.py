@@ -165,9 +165,12 @@ def train(
         summary["teacher"] = teacher_record
         summary["run_dir"] = str(run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        from fisherkd.plots import plot_run
+        from fisherkd.plots import plot_fisher_weights, plot_run
 
         plot_run(run_dir)
+        if heatmaps := distiller.fisher_heatmaps():
+            (run_dir / "fisher_weights.json").write_text(json.dumps({k: v.tolist() for k, v in heatmaps.items()}))
+            plot_fisher_weights(heatmaps, run_dir / "plots" / "fisher_weights.png")
     return summary
 
 

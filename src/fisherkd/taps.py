@@ -4,6 +4,7 @@ A tap name is a module name as in ``model.named_modules()`` (``"layer3.2.conv2"`
 ``:k`` to select element k of a tuple output (Transformers layers return tuples; ``"...self:1"`` is the
 attention map of a BERT self-attention module called with ``output_attentions=True``), or by ``:in`` to take
 the module's first input instead of its output (``"head:in"`` is the penultimate feature of a zoo model).
+The empty name ``""`` is the model itself: its output (a teacher's logits, e.g. for the ``dual_head`` method).
 """
 
 from __future__ import annotations

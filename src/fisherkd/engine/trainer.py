@@ -185,7 +185,7 @@ class Trainer:
                     with autocast(self.device, config.amp):
                         out = self.model(x, y, index=batch.index, epoch=epoch_progress)
                     (out.loss / accum).backward()
-                    for key, value in [("loss", out.loss), *out.losses.items()]:
+                    for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items()]:
                         sums[key] = sums.get(key, 0) + value.detach().float()
                     sums["correct"] = sums.get("correct", 0) + (out.logits.argmax(-1) == y).sum()
                     batches += 1

@@ -103,7 +103,9 @@ class FisherWeighter(nn.Module):
         lam = ramp(self.step, self.spec.lam, self.spec.warmup_steps)
         if self.statistic is None:
             importance, mask = self._per_batch_importance(batch)
-            weights = self._normalize(importance.flatten(1), lam, None if mask is None else mask.flatten(1))
+            # Samples share one normalization over the batch; positions and tokens one per sample.
+            rows = (lambda t: t.reshape(1, -1)) if self.axis == "sample" else (lambda t: t.flatten(1))
+            weights = self._normalize(rows(importance), lam, None if mask is None else rows(mask))
             weights = weights.view(importance.shape)
             self.last_weights = weights.detach()
             return weights, weight_stats(weights)
@@ -129,15 +131,14 @@ class FisherWeighter(nn.Module):
 
     # -- estimation --------------------------------------------------------------------------------------------
     def _per_batch_importance(self, batch: FisherBatch) -> tuple[Tensor, Tensor | None]:
-        """Raw importances with the batch in front: [1, N] for samples (normalized over the batch), B×P maps."""
+        """Raw importances (one per sample, or per token of B×T×C logits; a map per sample) and their mask."""
         logits, tau = batch.teacher_logits, self.spec.temperature
         if self.axis == "sample":
             if self.estimator == "logit":
                 raw = E.logit_fisher_trace(logits, tau)
             else:
                 raw = E.linear_head_fisher(logits, self._head_weight(batch), tau).sum(-1)
-            mask = batch.mask if batch.mask is not None and batch.mask.shape == raw.shape else None
-            return raw.reshape(1, -1), None if mask is None else mask.reshape(1, -1)
+            return raw, batch.mask if batch.mask is not None and batch.mask.shape == raw.shape else None
         if self.axis == "token" and self.estimator == "logit":
             if logits.dim() != 3:
                 raise ValueError(

@@ -1,8 +1,9 @@
 """Feature-based distillation losses on tapped intermediate tensors.
 
 Layouts: B×C×H×W maps and B×D vectors carry channels on axis 1; B×T×D token sequences carry them last. Optional
-importance weights (mean 1) plug in as ``channel_weight`` (teacher channels, shape C or B×C) and ``sample_weight``
-(shape B); all-ones weights give the unweighted value exactly.
+importance weights (mean 1) plug in as ``channel_weight`` (teacher channels, shape C or B×C), ``position_weight`` (one
+map per sample: B×H×W for maps, B×T for token sequences) and ``sample_weight`` (shape B); all-ones weights give the
+unweighted value exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +38,18 @@ def _channel_view(weight: Tensor, x: Tensor, name: str) -> Tensor:
     return weight.to(x.dtype).reshape(shape)
 
 
+def _position_view(weight: Tensor, x: Tensor, name: str) -> Tensor:
+    """Reshape a per-sample position map (``x``'s shape without the channel axis) to broadcast over channels."""
+    axis = _channel_axis(x) % x.dim()
+    expected = x.shape[:axis] + x.shape[axis + 1 :]
+    if x.dim() < 3 or weight.shape != expected:
+        raise ValueError(
+            f"{name}: position weights of shape {tuple(weight.shape)} do not fit a feature of shape {tuple(x.shape)}; "
+            f"expected {tuple(expected)} (one weight per sample and position)"
+        )
+    return weight.to(x.dtype).unsqueeze(axis)
+
+
 def _per_sample_mean(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).mean(1)
 
@@ -64,17 +77,21 @@ def fitnet(
     teacher_feature: Tensor,
     *,
     channel_weight: Tensor | None = None,
+    position_weight: Tensor | None = None,
     sample_weight: Tensor | None = None,
 ) -> Tensor:
     """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015).
 
     Mean squared error between the (adapted) student feature and the teacher's hint: mean (f_s − f_t)²,
-    each channel c weighted by ``channel_weight[c]`` and each sample by ``sample_weight[b]`` when given.
+    each channel c weighted by ``channel_weight[c]``, each position by ``position_weight[b, ...]`` and each sample
+    by ``sample_weight[b]`` when given.
     """
     _check_same_shape(student_feature, teacher_feature, "fitnet", "give the method an adapter or tap equal layers")
     squared = (_float32(student_feature) - _float32(teacher_feature)).pow(2)
     if channel_weight is not None:
         squared = squared * _channel_view(channel_weight, squared, "fitnet")
+    if position_weight is not None:
+        squared = squared * _position_view(position_weight, squared, "fitnet")
     return _batch_mean(_per_sample_mean(squared), sample_weight, "fitnet")
 
 
@@ -91,13 +108,14 @@ def at(
     p: float = 2.0,
     *,
     channel_weight: Tensor | None = None,
+    position_weight: Tensor | None = None,
     sample_weight: Tensor | None = None,
 ) -> Tensor:
     """Zagoruyko & Komodakis, "Paying More Attention to Attention" (ICLR 2017).
 
     mean over batch and positions of (Q_s − Q_t)², Q = vec(mean_c |F_c|^p) / ‖vec(mean_c |F_c|^p)‖₂, for one pair
     of B×C×H×W maps whose channel counts may differ. ``channel_weight`` (teacher channels) weights the teacher's
-    channel mean before normalising.
+    channel mean before normalising; ``position_weight`` (B×H×W) weights the squared differences per position.
     """
     if student_feature.dim() != 4 or teacher_feature.dim() != 4:
         raise ValueError(
@@ -111,7 +129,10 @@ def at(
         )
     q_s = _attention_map(student_feature, p)
     q_t = _attention_map(teacher_feature, p, channel_weight)
-    return _batch_mean((q_s - q_t).pow(2).mean(1), sample_weight, "at")
+    squared = (q_s - q_t).pow(2)
+    if position_weight is not None:
+        squared = squared * _position_view(position_weight, teacher_feature, "at").flatten(1)
+    return _batch_mean(squared.mean(1), sample_weight, "at")
 
 
 def vid(

@@ -20,6 +20,7 @@ __all__ = [
     "cross_entropy",
     "dist",
     "dkd",
+    "fisher_logit",
     "jsd",
     "kd",
     "mlkd",
@@ -149,6 +150,34 @@ def reverse_kl(
     """Reverse KL, mode-seeking (as in MiniLLM, Gu et al., ICLR 2024): τ² · mean_n KL(p_s ‖ p_t)."""
     per_sample = _kl(_log_probs(student_logits, temperature), _log_probs(teacher_logits, temperature))
     return _batch_mean(per_sample, sample_weight) * temperature**2
+
+
+def fisher_logit(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+    class_weight: Tensor | None = None,
+) -> Tensor:
+    """The Fisher quadratic form of the logit difference: ½·mean_n Σ_c w_c·p_t,c·(d_c − d̄)².
+
+    d = z_s − z_t, d̄ = Σ_c p_t,c·d_c, p_t = softmax(z_t/τ). Σ_c p_c (d_c − d̄)² = dᵀ(diag p − ppᵀ)d = dᵀF d, with F
+    the Fisher information of the teacher's softmax at temperature τ. It is the second-order Taylor expansion of
+    Hinton KD's τ²·KL(p_t ‖ p_s) in d at d = 0 (the τ² cancels the 1/τ² of the softened logits), so the two agree
+    for a student close to the teacher. It is invariant to adding a constant to either model's logits, and its
+    gradient with respect to z_s is F·d per sample (divided by the batch size): a Gauss-Newton step on KD.
+    ``class_weight`` [C] (or one row per sample) weights the classes; the minimum stays at d = const, i.e.
+    p_s = p_t, for any positive class weights (weighting the terms of a KL would move it to p_s ∝ w·p_t).
+    """
+    s, t = _float32(student_logits), _float32(teacher_logits)
+    p_t = F.softmax(t / temperature, dim=-1)
+    d = s - t
+    centered = d - (p_t * d).sum(-1, keepdim=True)
+    terms = p_t * centered.pow(2)
+    if class_weight is not None:
+        terms = terms * class_weight.to(terms.dtype)
+    return _batch_mean(0.5 * terms.sum(-1), sample_weight)
 
 
 def jsd(

@@ -125,8 +125,9 @@ def select_tokens(
     token_weight: Tensor | None,
     reduction: str,
     num_items: int | float | Tensor | None,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """Flat indices of the scored logit rows, and each row's weight including the normalizer.
+    """Flat indices of the scored logit rows, and each row's weight including the normalizer, in ``dtype``.
 
     With ``shift`` the logits at position t are scored against the label at t + 1 (as Hugging Face's causal
     LM loss): the last position of every sequence is never scored. ``token_weight`` is aligned with the
@@ -141,13 +142,13 @@ def select_tokens(
         valid = labels != ignore_index
     rows = valid.flatten().nonzero().squeeze(1)
     if token_weight is None:
-        weight = torch.ones(rows.numel(), dtype=torch.float32, device=labels.device)
+        weight = torch.ones(rows.numel(), dtype=dtype, device=labels.device)
     else:
         if token_weight.shape != labels.shape:
             raise ValueError(
                 f"token_weight has shape {tuple(token_weight.shape)} but labels have shape {tuple(labels.shape)}"
             )
-        weight = token_weight.detach().flatten().index_select(0, rows).float()
+        weight = token_weight.detach().flatten().index_select(0, rows).to(dtype)
     if reduction == "mean":
         # num_items: the valid-token count over all gradient-accumulation micro-batches, so that their summed
         # losses equal the mean over the whole batch. Without it, the count of this call's tokens.
@@ -198,9 +199,12 @@ def chunked_token_loss(student_logits: Tensor, rows: Tensor, weight: Tensor, chu
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     flat = student_logits.reshape(-1, student_logits.shape[-1])
-    # sums in fp32 at least (fp64 for fp64 logits, which the tests use for exact comparisons)
-    weight = weight.to(torch.promote_types(student_logits.dtype, torch.float32))
     return _ChunkedTokenLoss.apply(flat, rows, weight, chunk_fn, chunk_size)
+
+
+def accumulation_dtype(logits: Tensor) -> torch.dtype:
+    """Weights and sums in fp32 at least (fp64 for fp64 logits, which the tests use for exact comparisons)."""
+    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def softmax_backward(h: Tensor, p_s: Tensor, scale: float) -> Tensor:
@@ -274,5 +278,7 @@ def token_distillation_loss(
         grad = softmax_backward(h, log_p_s.exp_(), scale / temperature) if want_grad else None
         return value * scale, grad
 
-    rows, weight = select_tokens(labels, shift, ignore_index, token_weight, reduction, num_items)
+    rows, weight = select_tokens(
+        labels, shift, ignore_index, token_weight, reduction, num_items, accumulation_dtype(student_logits)
+    )
     return chunked_token_loss(student_logits, rows, weight, chunk_fn, chunk_size)

@@ -10,7 +10,10 @@ In training mode those probabilities are taken *after* attention dropout, so bui
 
 Padding: call the distiller with ``mask=attention_mask`` (B×T, 1 = token); every loss here respects it.
 Importance weights: ``weights["token"]`` (B×T) weights every pair's tokens/queries and ``weights["head"]`` ([H])
-the heads of every attention-map pair.
+the heads of every attention-map pair. A ``fisher: {axis: head}`` block estimates head weights from the Fisher of a
+per-head gate at the teacher's attention probabilities (the first pair's teacher tap, when it is on the path to the
+logits, as the zoo ViT's ``blocks.{i}.attn.probs``; Transformers' returned attention maps are not, so tap the
+self-attention context with ``fisher.tap: ...attention.self:0`` and ``fisher.num_heads``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class TinyBERT(Method):
     family = "attention"
     paper = "Jiao et al. Findings of EMNLP 2020, arXiv:1909.10351"
     adapter = "student_to_teacher"
+    weight_axes = ("head", "token")
     min_pairs = 1
 
     class Params(Hyperparameters):
@@ -91,6 +95,7 @@ class MiniLM(Method):
     family = "attention"
     paper = "Wang et al. NeurIPS 2020, arXiv:2002.10957; MiniLMv2, Findings of ACL 2021, arXiv:2012.15828"
     min_pairs = 1
+    weight_axes = ("head", "token")
 
     class Params(Hyperparameters):
         num_relation_heads: int = 12

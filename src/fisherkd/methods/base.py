@@ -52,6 +52,7 @@ class Method(nn.Module):
     family: ClassVar[Family] = "logit"
     paper: ClassVar[str] = ""
     default_weight: ClassVar[float] = 1.0
+    label_weight: ClassVar[float] = 1.0  # the weight of the label cross-entropy the authors pair the method with
     adapter: ClassVar[AdapterKind] = "none"
     needs_teacher: ClassVar[bool] = True
     needs_target: ClassVar[bool] = False
@@ -141,6 +142,7 @@ def describe(name: str) -> dict[str, Any]:
         "summary": doc[0] if doc else "",
         "paper": cls.paper,
         "default_weight": cls.default_weight,
+        "label_weight": cls.label_weight,
         "defaults": defaults,
     }
 

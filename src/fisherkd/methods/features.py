@@ -67,6 +67,7 @@ class FitNet(Method):
     family = "feature"
     paper = "Romero et al. ICLR 2015, arXiv:1412.6550"
     default_weight = 100.0
+    weight_axes = ("sample", "channel", "position")
     adapter = "student_to_teacher"
     min_pairs = 1
 
@@ -74,9 +75,10 @@ class FitNet(Method):
         pass
 
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
-        channel, sample = inputs.weights.get("channel"), inputs.weights.get("sample")
+        weights = inputs.weights
+        channel, position, sample = weights.get("channel"), weights.get("position"), weights.get("sample")
         terms = [
-            Fn.fitnet(s, t, channel_weight=channel, sample_weight=sample)
+            Fn.fitnet(s, t, channel_weight=channel, position_weight=position, sample_weight=sample)
             for s, t in zip(inputs.student_features, inputs.teacher_features)
         ]
         return {"fitnet": torch.stack(terms).mean()}
@@ -94,17 +96,20 @@ class AT(Method):
     family = "feature"
     paper = "Zagoruyko & Komodakis ICLR 2017, arXiv:1612.03928"
     default_weight = 1000.0
+    weight_axes = ("sample", "channel", "position")
     min_pairs = 1
 
     class Params(Hyperparameters):
         p: float = 2.0
 
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
-        channel, sample = inputs.weights.get("channel"), inputs.weights.get("sample")
-        loss = sum_over_pairs(
-            inputs, lambda s, t: Fn.at(s, t, self.hparams.p, channel_weight=channel, sample_weight=sample)
-        )
-        return {"at": loss}
+        weights = inputs.weights
+        channel, position, sample = weights.get("channel"), weights.get("position"), weights.get("sample")
+
+        def loss(s: Tensor, t: Tensor) -> Tensor:
+            return Fn.at(s, t, self.hparams.p, channel_weight=channel, position_weight=position, sample_weight=sample)
+
+        return {"at": sum_over_pairs(inputs, loss)}
 
 
 def _softplus_inverse(y: float) -> float:
@@ -125,6 +130,7 @@ class VID(Method):
     family = "feature"
     paper = "Ahn et al. CVPR 2019, arXiv:1904.05835"
     default_weight = 1.0
+    weight_axes = ("sample", "channel")
     min_pairs = 1
 
     class Params(Hyperparameters):
@@ -213,6 +219,7 @@ class ReviewKD(Method):
     family = "feature"
     paper = "Chen et al. CVPR 2021, arXiv:2104.09044"
     default_weight = 5.0
+    weight_axes = ("sample",)
     min_pairs = 1
 
     class Params(Hyperparameters):

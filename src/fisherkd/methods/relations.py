@@ -49,6 +49,7 @@ class PKT(Method):
     Loss Σ_pairs mean_ij P_t,ij·log((P_t,ij + ε)/(P_s,ij + ε)); weight 30000 (RepDistiller).
     """
 
+    weight_axes = ("sample",)
     family = "relation"
     paper = "Passalis & Tefas ECCV 2018, arXiv:1803.10837"
     default_weight = 30000.0
@@ -112,6 +113,7 @@ class Relation(Method):
     ``use_mask`` is false (e.g. when the mask belongs to other tokens than the tapped ones). Weight 1.
     """
 
+    weight_axes = ("sample",)
     family = "relation"
     paper = "Cai et al. ICCV 2025, arXiv:2410.16236"
     default_weight = 1.0
@@ -210,6 +212,7 @@ class CRD(EmbeddingMethod):
     training mode; under DDP each rank updates its own copy.
     """
 
+    weight_axes = ("sample",)
     family = "relation"
     paper = "Tian et al. ICLR 2020, arXiv:1910.10699"
     default_weight = 0.8

@@ -21,13 +21,16 @@ class DualHeadKD(Method):
     ``ce`` trains as usual; this method applies the logit method ``loss`` (with ``loss_params``) to its one layer pair
     instead of the main logits: ``pairs: [[head.distill, ""]]``, the distill head's logits against the teacher's
     own output (the tap ``""`` is the whole model's output). Any pair of logit tensors works, e.g. an early exit.
-    Terms are the inner method's, prefixed ``dual_head.``; weight 1 (set the loss weight in the spec).
+    Terms are the inner method's, prefixed ``dual_head.``; weight 1 (set the loss weight in the spec). Importance
+    weights pass through to the inner method, which reads the ones it takes (per-sample: kd, dkd, nkd, …; none:
+    dist, mlkd, sinkhorn).
     """
 
     family = "scheme"
     paper = "Yang et al. 2024, arXiv:2411.08937"
     default_weight = 1.0
     min_pairs = 1
+    weight_axes = ("sample",)
 
     class Params(Hyperparameters):
         loss: str = "kd"

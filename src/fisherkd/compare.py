@@ -1,0 +1,198 @@
+"""``fisherkd compare``: one teacher, several student recipes, several seeds → a table, a CSV and a plot.
+
+A compare file is a run config plus either ``variants`` (named recipes, each overriding ``methods`` and
+optionally ``train``) or, with ``--methods a,b,c``, one recipe per method: the label loss at the weight the
+method's authors pair it with, plus the method at its default weight. Feature methods take their layer pairs
+from ``compare.feature_pairs`` and relation methods from ``compare.embedding_pairs`` (default: the penultimate
+features, ``head:in``). The teacher is trained once and cached; every row reports mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.table import Table
+
+from fisherkd.config import ConfigError, RunConfig, build_config
+from fisherkd.data import load_dataset
+from fisherkd.engine.trainer import _make_progress
+from fisherkd.methods.base import method_class
+from fisherkd.plots import plot_comparison
+from fisherkd.run import get_teacher, train
+
+console = Console()
+
+COLUMNS = [  # (key in a row, header, format)
+    ("accuracy", "test acc %", "{:.1f}"),
+    ("agreement", "agreement %", "{:.1f}"),
+    ("kl", "KL(t‖s)", "{:.3f}"),
+    ("ece", "ECE %", "{:.1f}"),
+    ("seconds", "s / run", "{:.1f}"),
+]
+
+
+class CompareOptions(BaseModel):
+    """The ``compare:`` block: how ``--methods`` turns method names into recipes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature_pairs: list[tuple[str, str]] = Field(default_factory=list)
+    embedding_pairs: list[tuple[str, str]] = Field(default_factory=lambda: [("head:in", "head:in")])
+    hparams: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method hyper-parameters")
+
+
+def slug(label: str) -> str:
+    """A directory-safe name: 'kd + fitnet' -> 'kd_fitnet'."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_")
+
+
+def method_recipe(name: str, options: CompareOptions, num_train: int) -> list[dict[str, Any]]:
+    """The label loss plus one method, as its authors combine them, with pairs from the compare options."""
+    cls = method_class(name)
+    spec: dict[str, Any] = {"name": name, **options.hparams.get(name, {})}
+    if cls.min_pairs:
+        pairs = options.feature_pairs if cls.family == "feature" else options.embedding_pairs
+        if not pairs:
+            raise ConfigError(f"method {name!r} needs layer pairs: set compare.feature_pairs in the compare file")
+        spec["pairs"] = [list(p) for p in pairs]
+    if "num_data" in cls.Params.model_fields and "num_data" not in spec:
+        spec["num_data"] = num_train  # a memory bank has one row per training sample
+    label = {"name": "ce", "weight": cls.label_weight}
+    return [label, spec] if cls.needs_teacher else [spec]
+
+
+def build_variants(raw: dict[str, Any], methods: list[str] | None, num_train: int) -> dict[str, dict[str, Any]]:
+    options = CompareOptions(**raw.get("compare", {}))
+    if methods:
+        variants = {"scratch": {"methods": [{"name": "ce"}]}}
+        variants |= {m: {"methods": method_recipe(m, options, num_train)} for m in methods if m != "scratch"}
+        return variants
+    if not raw.get("variants"):
+        raise ConfigError("nothing to compare: give --methods a,b,c or a variants: block in the compare file")
+    return raw["variants"]
+
+
+def run_compare(
+    raw: dict[str, Any],
+    output_dir: Path,
+    seeds: int = 3,
+    methods: list[str] | None = None,
+    overrides: list[str] | None = None,
+    title: str | None = None,
+    reference: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Train every variant for ``seeds`` seeds; print the table; write results.{md,csv,json} and comparison.png."""
+    raw = dict(raw)
+    base_raw = {k: v for k, v in raw.items() if k not in ("variants", "compare")}
+    base_raw["output_dir"] = str(output_dir / "runs")
+    base = build_config(base_raw, overrides)
+    splits = load_dataset(base.data.name, base.data.root)
+    variants = build_variants(raw, methods, len(splits.train))
+    configs = {
+        label: [
+            build_config({**base.model_dump(mode="json"), **v, "name": f"{slug(label)}-seed{s}", "seed": s})
+            for s in range(seeds)
+        ]
+        for label, v in variants.items()
+    }  # every variant is validated before anything trains
+    started = time.perf_counter()
+    rows = []
+    with _make_progress() as progress:
+        teacher_record = get_teacher(base, splits, progress)[1] if base.teacher else {}
+        for label, seed_configs in configs.items():
+            summaries = [train(c, splits=splits, progress=progress) for c in seed_configs]
+            rows.append(aggregate(label, seed_configs[0], summaries))
+    result = {
+        "title": title or default_title(base),
+        "teacher": teacher_record,
+        "teacher_accuracy": 100 * rows[0]["teacher_accuracy"] if base.teacher else None,
+        "seeds": seeds,
+        "total_seconds": time.perf_counter() - started,
+        "rows": rows,
+    }
+    print_table(result)
+    write_results(result, output_dir, reference)
+    return result
+
+
+def default_title(config: RunConfig) -> str:
+    teacher = f"{config.teacher.name} teacher → " if config.teacher else ""
+    return f"{config.data.name}: {teacher}{config.student.name} student"
+
+
+def aggregate(label: str, config: RunConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    def values(key: str, scale: float = 1.0) -> list[float]:
+        return [scale * s[key] for s in summaries if key in s]
+
+    row: dict[str, Any] = {"variant": label, "methods": [m.name for m in config.methods], "seeds": len(summaries)}
+    for key, source, scale in [
+        ("accuracy", "test_accuracy", 100),
+        ("agreement", "test_agreement", 100),
+        ("kl", "test_kl", 1),
+        ("ece", "test_ece", 100),
+        ("seconds", "train_seconds", 1),
+    ]:
+        samples = values(source, scale)
+        if samples:
+            row[f"{key}_mean"] = statistics.fmean(samples)
+            row[f"{key}_std"] = statistics.stdev(samples) if len(samples) > 1 else 0.0
+    row["accuracies"] = values("test_accuracy", 100)
+    row["teacher_accuracy"] = summaries[0].get("test_teacher_accuracy")
+    return row
+
+
+def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if f"{key}_mean" not in row:
+        return ""
+    text = fmt.format(row[f"{key}_mean"])
+    return f"{text} ± {fmt.format(row[f'{key}_std'])}" if key == "accuracy" else text
+
+
+def print_table(result: dict[str, Any]) -> None:
+    table = Table(title=result["title"])
+    table.add_column("student training")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    if result["teacher_accuracy"] is not None:
+        table.add_row("teacher", f"{result['teacher_accuracy']:.1f}", "100.0", "0", "", "", end_section=True)
+    for row in result["rows"]:
+        table.add_row(row["variant"], *(cell(row, key, fmt) for key, _, fmt in COLUMNS))
+    console.print(table)
+    console.print(f"seeds per row: {result['seeds']}  total: {result['total_seconds']:.0f} s")
+
+
+def write_results(result: dict[str, Any], output_dir: Path, reference: dict[str, float] | None = None) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(result, indent=2))
+    headers = ["student training", *(header for _, header, _ in COLUMNS)]
+    lines = [f"| {' | '.join(headers)} |", "|" + "---|" * len(headers)]
+    if result["teacher_accuracy"] is not None:
+        lines.append(f"| teacher | {result['teacher_accuracy']:.1f} | 100.0 | 0 | | |")
+    lines += [f"| {r['variant']} | " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in result["rows"]]
+    lines += ["", f"{result['title']}. Mean ± std over {result['seeds']} seeds."]
+    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    with open(output_dir / "results.csv", "w", newline="") as f:
+        keys = ["variant", *(f"{k}_{s}" for k, _, _ in COLUMNS for s in ("mean", "std"))]
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result["rows"])
+    refs = dict(reference or {})
+    if result["teacher_accuracy"] is not None:
+        refs = {"teacher": result["teacher_accuracy"], **refs}
+    plot_comparison(
+        [r["variant"] for r in result["rows"]],
+        [r["accuracy_mean"] for r in result["rows"]],
+        [r["accuracy_std"] for r in result["rows"]],
+        output_dir / "comparison.png",
+        reference=refs,
+        title=result["title"],
+    )
+    console.print(f"wrote {output_dir}/results.md, results.csv, results.json and comparison.png")

@@ -1,0 +1,378 @@
+"""``DistillationTrainer``: a Hugging Face ``Trainer`` that distils a frozen teacher into the model it trains.
+
+It builds a :class:`~fisherkd.distiller.Distiller` over (student = ``trainer.model``, teacher), so every registered
+method, tap and adapter works as in the rest of FisherKD, and adds for causal LMs the chunked token-level loss of
+:func:`fisherkd.hf.token_distillation_loss`. Example (TinyBERT-style intermediate transfer + logit KD)::
+
+    from fisherkd.hf import DistillationConfig, DistillationTrainer, attention_pairs, hidden_pairs
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager")
+    pairs = hidden_pairs(student, teacher, "uniform") + attention_pairs(student, teacher, "uniform")
+    config = DistillationConfig(methods=[{"name": "tinybert", "pairs": pairs}, "kd", "ce"])
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, distillation=config,
+                                  args=TrainingArguments("out"), train_dataset=train)
+    trainer.train()
+
+For a causal LM, ``DistillationConfig(token_loss={"divergence": "reverse_kl"}, label_loss_weight=0.5)`` scores
+every labelled token against the teacher's next-token distribution.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainerCallback
+from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import ParallelMode
+
+from fisherkd.distiller import Distiller, MethodSpec, as_spec, model_logits
+from fisherkd.hf.layers import check_vocabularies
+
+__all__ = ["DISTILLER_STATE_NAME", "DistillationConfig", "DistillationTrainer", "TokenLossConfig"]
+
+# The adapters' and methods' state (learned projections, Fisher statistics) inside every Trainer checkpoint.
+DISTILLER_STATE_NAME = "fisherkd_distiller.pt"
+
+Task = Literal["auto", "causal_lm", "sequence_classification"]
+
+
+@dataclass
+class TokenLossConfig:
+    """Token-level distillation for causal LMs (see :func:`fisherkd.hf.token_distillation_loss`): the
+    ``divergence`` between the student's and teacher's next-token distributions at temperature τ, on every
+    token whose label is not -100, computed ``chunk_size`` tokens at a time."""
+
+    weight: float = 1.0
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    chunk_size: int = 1024
+    beta: float = 0.5  # JSD interpolation
+    alpha: float = 0.1  # skew of the skew KLs
+    vocab_truncation: bool = False  # allow padded embedding matrices of one tokenizer (first min(V_s, V_t) entries)
+
+
+@dataclass
+class DistillationConfig:
+    """What to distil, next to the ``TrainingArguments`` that say how to train.
+
+    - ``methods``: method specs as for :class:`~fisherkd.distiller.Distiller` (``{"name": "tinybert", "weight":
+      1.0, "pairs": [[student_tap, teacher_tap]], **hyper-parameters}``, or just a name). Labels reach them as the
+      target for sequence classification; causal LMs get their labels through ``label_loss_weight``.
+    - ``token_loss``: causal LMs only; a :class:`TokenLossConfig` or a dict of its fields.
+    - ``label_loss_weight``: weight of the student's own task loss (Hugging Face's cross-entropy, regression or
+      multi-label loss); 0 leaves it out (for classification the ``ce`` method is the usual way to add it).
+    - ``teacher_dtype``: cast the frozen teacher, e.g. ``"bfloat16"`` to halve its memory; None keeps it.
+    - ``task``: ``"auto"`` tells a causal LM by its class (Transformers' causal-LM mapping).
+    """
+
+    methods: list[Any] = field(default_factory=list)
+    token_loss: TokenLossConfig | Mapping[str, Any] | None = None
+    label_loss_weight: float = 0.0
+    teacher_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    task: Task = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.token_loss, Mapping):
+            self.token_loss = TokenLossConfig(**self.token_loss)
+        self.methods = [as_spec(m) for m in self.methods]  # validate early: unknown keys fail here, not mid-run
+        if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"teacher_dtype must be 'bfloat16', 'float16', 'float32' or None, got {self.teacher_dtype!r}")
+        if not self.methods and self.token_loss is None and self.label_loss_weight == 0:
+            raise ValueError("DistillationConfig has nothing to train with: give methods, token_loss or label_loss_weight")
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The Transformers model inside a PEFT wrapper (``PeftModel.base_model.model``), else the model itself."""
+    base = getattr(model, "base_model", None)
+    inner = getattr(base, "model", None)
+    return inner if inner is not None and type(model).__name__.startswith("Peft") else model
+
+
+def _is_causal_lm(model: nn.Module, task: Task) -> bool:
+    if task != "auto":
+        return task == "causal_lm"
+    return type(_unwrap_peft(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+class _DistillerCallback(TrainerCallback):
+    """After each optimizer step: clear the adapters' gradients (the Trainer zeroes only the student's) and let
+    methods with state between steps (Fisher statistics, EMA teachers) update it."""
+
+    def __init__(self, trainer: DistillationTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.trainer.distiller_parameters():
+            p.grad = None
+        if self.trainer.distiller is not None:
+            self.trainer.distiller.after_optimizer_step()
+
+
+class DistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains ``model`` (the student) from a frozen ``teacher_model``.
+
+    The teacher is put in eval mode with ``requires_grad=False``, moved to the student's device and optionally
+    cast (``teacher_dtype``). Adapters and method parameters are optimised with the student (one extra optimizer
+    group, same learning rate and weight-decay rules), clipped with it, and saved in every checkpoint as
+    ``fisherkd_distiller.pt``, so ``train(resume_from_checkpoint=...)`` restores them. Every loss term is logged
+    (``distill/<term>``) to whatever ``report_to`` names.
+
+    Loss normalisation under gradient accumulation: per-batch terms (all methods, the classification label loss)
+    are divided by the number of accumulated micro-batches, as the Trainer does for a mean loss; token-level terms
+    are summed and divided by the number of labelled tokens of the whole accumulated batch (``num_items_in_batch``),
+    so they equal the per-token mean over that batch however the tokens fall into micro-batches.
+
+    ``example_input`` (a batch dict) sizes the adapters; by default the first two training examples are used.
+    Multi-process (DDP) training with methods is not supported yet: the distiller calls the unwrapped student.
+    """
+
+    # compute_loss returns a loss already scaled for gradient accumulation (see the class docstring)
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+        distillation: DistillationConfig | None = None,
+        *args: Any,
+        example_input: Mapping[str, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if teacher_model is None:
+            raise ValueError("DistillationTrainer needs teacher_model=")
+        if kwargs.get("model_init") is not None:
+            raise ValueError("DistillationTrainer does not support model_init: the distiller is built around `model`")
+        super().__init__(model, *args, **kwargs)
+        self.distillation = distillation or DistillationConfig(methods=["kd"])
+        config = self.distillation
+        self.causal_lm = _is_causal_lm(self.model, config.task)
+        self.teacher_model = teacher_model
+        self._prepare_teacher()
+        if self.causal_lm:
+            truncate = config.token_loss is not None and config.token_loss.vocab_truncation
+            check_vocabularies(_unwrap_peft(self.model), teacher_model, truncate)
+            for spec in config.methods:
+                if spec.build().needs_target:
+                    raise ValueError(
+                        f"method {spec.name!r} needs one label per example, which a causal LM does not have; use "
+                        "label_loss_weight for the language-modelling loss and token_loss for the teacher's tokens"
+                    )
+        elif config.token_loss is not None:
+            raise ValueError("token_loss is for causal LMs; for this model use logit methods such as 'kd'")
+        self.distiller = self._build_distiller(config.methods, example_input) if config.methods else None
+        if self.distiller is not None and self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            raise NotImplementedError(
+                "DistillationTrainer with methods runs in one process for now: the distiller calls the student "
+                "outside the DDP wrapper. Use token_loss / label_loss_weight only, or fisherkd's own engine for DDP"
+            )
+        self._term_sums: dict[str, Tensor] = {}
+        self._term_count = 0
+        self.add_callback(_DistillerCallback(self))
+
+    # ---- setup --------------------------------------------------------------------------------------------
+
+    def _prepare_teacher(self) -> None:
+        teacher = self.teacher_model
+        teacher.requires_grad_(False)
+        teacher.eval()
+        dtype = getattr(torch, self.distillation.teacher_dtype) if self.distillation.teacher_dtype else None
+        teacher.to(device=self.args.device, dtype=dtype)
+        if getattr(getattr(teacher, "config", None), "use_cache", False):
+            teacher.config.use_cache = False  # a frozen teacher scores whole sequences: a KV cache is only memory
+
+    def _build_distiller(self, methods: list[MethodSpec], example_input: Mapping[str, Tensor] | None) -> Distiller:
+        if example_input is None and any(spec.pairs for spec in methods):
+            example_input = self._example_batch()
+        if example_input is not None:
+            example_input = {k: v for k, v in self._prepare_inputs(dict(example_input)).items() if k != "labels"}
+        return Distiller(self.model, self.teacher_model, methods, example_input=example_input)
+
+    def _example_batch(self) -> dict[str, Tensor]:
+        """The first two training examples, collated as the training loader does (no sampler: no RNG is used)."""
+        if self.train_dataset is None:
+            raise ValueError("methods with layer pairs size their adapters from a batch: pass train_dataset or example_input")
+        loader = self._get_dataloader(self.train_dataset, description="Training", batch_size=2)
+        return next(iter(loader))
+
+    def distiller_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the adapters and methods (not the student's, not the teacher's)."""
+        if self.distiller is None:
+            return []
+        modules = (self.distiller.adapters, self.distiller.methods)
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        given = self.optimizer is not None
+        extra = self.distiller_parameters()
+        if not given and extra:
+            # One module over student, adapters and methods, so that the Trainer's usual optimizer construction
+            # (weight-decay groups, optimizer class from the arguments) covers all of them.
+            student = self.model if model is None else model
+            model = nn.ModuleDict({"student": student, "adapters": self.distiller.adapters, "methods": self.distiller.methods})
+        optimizer = super().create_optimizer(model)
+        if given and extra:
+            optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if any(id(p) not in optimized for p in extra):
+                raise ValueError(
+                    "the optimizer passed to DistillationTrainer misses the adapter/method parameters; pass "
+                    "optimizer_cls_and_kwargs= instead, or build it over model.parameters() + "
+                    "trainer.distiller_parameters() and set trainer.optimizer before train()"
+                )
+        return optimizer
+
+    def _clip_grad_norm(self, model: nn.Module) -> Tensor:
+        extra = self.distiller_parameters()
+        if not extra:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *extra], self.args.max_grad_norm)
+
+    # ---- loss ----------------------------------------------------------------------------------------------
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | int | None:
+        if self.causal_lm:
+            # Count the tokens the shifted losses score (labels[..., 1:]). Transformers infers the shift from the
+            # model's loss_type, which some causal LMs (GPT-2) leave unset, and would count one token per row too many.
+            batch_samples = [
+                {**b, "shift_labels": b["labels"][..., 1:]} if "labels" in b and "shift_labels" not in b else b
+                for b in batch_samples
+            ]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        config = self.distillation
+        labels = inputs.get("labels")
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the teacher need not compute a loss
+        if self.distiller is not None:
+            self.distiller.train(model.training)  # adapters/methods follow the student; the teacher stays in eval
+            out = self.distiller(model_inputs, None if self.causal_lm else labels)
+            student_logits, teacher_logits, batch_terms = out.logits, out.teacher_logits, dict(out.losses)
+        else:
+            with torch.no_grad():
+                teacher_logits = model_logits(self.teacher_model(**model_inputs))
+            student_logits, batch_terms = model_logits(model(**model_inputs)), {}
+        token_terms: dict[str, Tensor] = {}
+        if config.label_loss_weight:
+            if labels is None:
+                raise ValueError("label_loss_weight > 0 needs 'labels' in the batch")
+            loss = self._label_loss(student_logits, labels, num_items_in_batch)
+            (token_terms if self.causal_lm else batch_terms)["label"] = config.label_loss_weight * loss
+        if config.token_loss is not None:
+            if labels is None:
+                raise ValueError("token_loss scores the tokens whose label is not -100: put 'labels' in the batch")
+            token_terms["token"] = config.token_loss.weight * self._token_loss(
+                student_logits, teacher_logits, labels, num_items_in_batch
+            )
+        loss = self._combine(model, batch_terms, token_terms, num_items_in_batch)
+        if model.training:
+            self._accumulate_terms({**batch_terms, **token_terms})
+        return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _label_loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+        """The student's own task loss, by Transformers' loss functions (so regression / multi-label work too)."""
+        if self.causal_lm:
+            return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        return ForSequenceClassificationLoss(labels, logits, _unwrap_peft(self.model).config)
+
+    def _token_loss(
+        self, student: Tensor, teacher: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None
+    ) -> Tensor:
+        from fisherkd.hf.token_losses import token_distillation_loss
+
+        c = self.distillation.token_loss
+        return token_distillation_loss(
+            student,
+            teacher,
+            labels,
+            c.divergence,
+            c.temperature,
+            beta=c.beta,
+            alpha=c.alpha,
+            chunk_size=c.chunk_size,
+            num_items=num_items_in_batch,
+            vocab_truncation=c.vocab_truncation,
+        )
+
+    def _combine(
+        self,
+        model: nn.Module,
+        batch_terms: dict[str, Tensor],
+        token_terms: dict[str, Tensor],
+        num_items_in_batch: Tensor | int | None,
+    ) -> Tensor:
+        """Σ per-batch terms / accumulated micro-batches + Σ token terms (already / tokens of the whole batch)."""
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        per_batch = sum(batch_terms.values()) / steps if batch_terms else 0.0
+        per_token = sum(token_terms.values()) if token_terms else 0.0
+        if token_terms and num_items_in_batch is None:
+            per_token = per_token / steps  # no global token count: each micro-batch's own mean, like per-batch terms
+        elif token_terms and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            per_token = per_token * self.accelerator.num_processes  # the count is global, DDP averages gradients
+        return per_batch + per_token
+
+    # ---- logging -------------------------------------------------------------------------------------------
+
+    def _accumulate_terms(self, terms: dict[str, Tensor]) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
+        self._term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_count:  # a training log: add the mean of every term since the last one
+            for name, total in self._term_sums.items():
+                logs[f"distill/{name}"] = (total / self._term_count).item()
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, start_time)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def _distiller_state(self) -> dict[str, Tensor]:
+        # The student is saved by the Trainer itself; the (frozen) teacher only when it changes during training.
+        return {k: v for k, v in self.distiller.student_state_dict().items() if not k.startswith("student.")}
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.distiller is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._distiller_state(), os.path.join(folder, DISTILLER_STATE_NAME))
+
+    def _load_distiller_state(self, folder: str) -> None:
+        path = os.path.join(folder, DISTILLER_STATE_NAME)
+        if self.distiller is None:
+            return
+        if not os.path.isfile(path):
+            if self._distiller_state():
+                warnings.warn(f"{folder} has no {DISTILLER_STATE_NAME}: adapters and methods start afresh", stacklevel=2)
+            return
+        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        missing, unexpected = self.distiller.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("student.", "teacher."))]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{path} does not match this distiller (missing {missing}, unexpected {unexpected}): was it saved "
+                "with the same methods and pairs?"
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_distiller_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._load_distiller_state(self.state.best_model_checkpoint)
