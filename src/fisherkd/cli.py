@@ -32,6 +32,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     console.print_json(json.dumps(evaluate_run(args.run_dir, args.checkpoint)))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from fisherkd.report import write_report
+
+    out = write_report(args.run_dir, samples=args.samples, checkpoint=args.checkpoint)
+    console.print(f"wrote {out / 'report.md'}")
+
+
 def cmd_methods(args: argparse.Namespace) -> None:
     from fisherkd.methods import available, describe
 
@@ -94,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--checkpoint", default="last", choices=["last", "best"])
     evaluate.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="curves, CKA, attention-map IoU and error inheritance of a run")
+    report.add_argument("run_dir")
+    report.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    report.add_argument("--samples", type=int, default=256, help="test samples for CKA and attention maps")
+    report.set_defaults(func=cmd_report)
 
     methods = sub.add_parser("methods", help="list the registered distillation methods")
     methods.add_argument("--json", action="store_true", help="machine-readable: name, family, defaults, paper")

@@ -106,3 +106,24 @@ def plot_fisher_weights(weights: Mapping[str, Tensor], path: str | Path, width: 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_heatmap(
+    matrix: Tensor, rows: Sequence[str], columns: Sequence[str], path: str | Path, title: str, xlabel: str, ylabel: str
+) -> Path:
+    """An annotated heat map in [0, 1] (e.g. CKA between teacher stages and student stages)."""
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 3, 0.7 * len(rows) + 2))
+    image = ax.imshow(matrix.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            value = float(matrix[i, j])
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

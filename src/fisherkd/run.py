@@ -174,19 +174,25 @@ def train(
     return summary
 
 
-@torch.no_grad()
-def evaluate_run(run_dir: str | Path, checkpoint: str = "last") -> dict[str, Any]:
-    """Re-evaluate a finished or interrupted run from its resolved config and a checkpoint."""
-    run_dir = Path(run_dir)
-    config = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    splits = load_dataset(config.data.name, config.data.root)
+def rebuild_distiller(
+    run_dir: str | Path, config: RunConfig, splits: DataSplits | FolderSplits, checkpoint: str = "last"
+) -> Distiller:
+    """The Distiller of a run as its checkpoint left it (teacher from its checkpoint or the cache)."""
     student = build_student(config.student, splits)
     teacher = get_teacher(config, splits, student=student)[0] if config.teacher else None
     example = next(iter(make_loader(splits, "test", 2, shuffle=False).epoch(0))).x
     distiller = Distiller(student, teacher, config.methods, example)
-    state = load_checkpoint(run_dir / "checkpoints" / f"{checkpoint}.pt")
+    state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{checkpoint}.pt")
     distiller.load_state_dict(state["distiller"], strict=False)
-    distiller.to(resolve_device(config.device))
+    return distiller
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str | Path, checkpoint: str = "last") -> dict[str, Any]:
+    """Re-evaluate a finished or interrupted run from its resolved config and a checkpoint."""
+    config = RunConfig.model_validate(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+    splits = load_dataset(config.data.name, config.data.root)
+    distiller = rebuild_distiller(run_dir, config, splits, checkpoint).to(resolve_device(config.device))
     metrics = evaluate(distiller, splits, config.train.eval_batch_size, config.train.amp)
     distiller.close()
     return metrics

@@ -34,9 +34,9 @@ class EnsembleTeacher(nn.Module):
     ``average``:
       - ``"probs"`` (default): returns log Σ_k w_k·softmax(z_k), the log of the ensemble's predictive distribution
         (softmax of it gives the mixture back exactly). This is the distribution whose accuracy and calibration the
-        ensemble is known for; averaging logits instead is a geometric mean that is overconfident when members
-        disagree. A method applying a temperature τ then sees softmax(log p̄/τ) ∝ p̄^{1/τ}: the mixture softened
-        after averaging, not the average of the members' softened outputs.
+        ensemble is known for; averaging logits instead is a geometric mean, which vetoes any class that one member
+        rules out and can be sharper than every member. A method applying a temperature τ then sees
+        softmax(log p̄/τ) ∝ p̄^{1/τ}: the mixture softened after averaging, not the average of softened outputs.
       - ``"logits"``: returns Σ_k w_k·z_k, the (normalised) geometric mean of the members' distributions. It
         commutes with temperature: softmax(z̄/τ) is the geometric mean of the softmax(z_k/τ).
 

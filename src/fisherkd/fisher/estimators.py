@@ -145,9 +145,11 @@ def tapped_gradients(
             if missing:
                 raise RuntimeError(f"tap {missing[0]!r}: its module did not run in the teacher's forward pass")
             labels = _labels(logits, target, temperature, generator)
-            grads = torch.autograd.grad(
-                _log_likelihood(logits, labels, temperature), [leaves[t] for t in taps], allow_unused=True
-            )
+            log_likelihood = _log_likelihood(logits, labels, temperature)
+            if log_likelihood.requires_grad:
+                grads = torch.autograd.grad(log_likelihood, [leaves[t] for t in taps], allow_unused=True)
+            else:  # no tap is on the path to the logits
+                grads = (None,) * len(taps)
     finally:
         for handle in handles:
             handle.remove()

@@ -59,7 +59,9 @@ def layer_map(
     - a list of pairs: used as given after a range check; negative indices count from the end.
     """
     if num_student_layers < 1 or num_teacher_layers < 1:
-        raise ValueError(f"layer counts must be positive, got student {num_student_layers}, teacher {num_teacher_layers}")
+        raise ValueError(
+            f"layer counts must be positive, got student {num_student_layers}, teacher {num_teacher_layers}"
+        )
     if strategy == "uniform":
         if num_student_layers > num_teacher_layers:
             raise ValueError(
@@ -135,18 +137,6 @@ def _block_pairs(
     return [(f"{s_name}.{s}", f"{t_name}.{t}") for s, t in layer_map(len(s_list), len(t_list), mapping)]
 
 
-def _embeddings_name(model: nn.Module, blocks: str) -> str:
-    """The embedding module that feeds the blocks: a sibling of the block list named like ``embeddings``."""
-    parent = blocks.rsplit(".", 1)[0] if "." in blocks else ""
-    modules = dict(model.named_modules())
-    for prefix in dict.fromkeys([parent, parent.rsplit(".", 1)[0] if "." in parent else ""]):
-        for name in ("embeddings", "embed_tokens", "wte"):
-            full = f"{prefix}.{name}" if prefix else name
-            if full in modules:
-                return full
-    raise ValueError(f"cannot find the embedding module of {type(model).__name__} next to {blocks!r}")
-
-
 def hidden_pairs(
     student: nn.Module,
     teacher: nn.Module,
@@ -158,14 +148,16 @@ def hidden_pairs(
 ) -> list[tuple[str, str]]:
     """Tap pairs of block outputs (B×T×D hidden states) for the layer map ``mapping`` (see :func:`layer_map`).
 
-    ``embeddings=True`` prepends the embedding-layer pair (TinyBERT's embedding loss; for GPT-2 the token
-    embedding ``wte``, without positions). For TinyBERT's ``tinybert`` method or a FitNets-style hint.
+    ``embeddings=True`` prepends the pair of embedding outputs (TinyBERT's embedding loss), tapped as the input of
+    the first block (``<blocks>.0:in``): token + position embeddings for BERT and GPT-2 alike. For TinyBERT's
+    ``tinybert`` method or a FitNets-style hint.
     """
     pairs = _block_pairs(student, teacher, mapping, student_layers, teacher_layers)
     if embeddings:
-        s_blocks, _ = find_layers(student, student_layers)
-        t_blocks, _ = find_layers(teacher, teacher_layers)
-        pairs.insert(0, (_embeddings_name(student, s_blocks), _embeddings_name(teacher, t_blocks)))
+        # Transformers passes the hidden states to every block positionally (gradient checkpointing needs it),
+        # so the first block's input is the embedding output in every architecture.
+        s_blocks, t_blocks = find_layers(student, student_layers)[0], find_layers(teacher, teacher_layers)[0]
+        pairs.insert(0, (f"{s_blocks}.0:in", f"{t_blocks}.0:in"))
     return pairs
 
 
@@ -209,7 +201,10 @@ def attention_pairs(
     _require_eager(student, "student")
     _require_eager(teacher, "teacher")
     return [
-        (f"{_submodule(student, s, KNOWN_ATTENTION, 'attention')}:1", f"{_submodule(teacher, t, KNOWN_ATTENTION, 'attention')}:1")
+        (
+            f"{_submodule(student, s, KNOWN_ATTENTION, 'attention')}:1",
+            f"{_submodule(teacher, t, KNOWN_ATTENTION, 'attention')}:1",
+        )
         for s, t in _block_pairs(student, teacher, mapping, student_layers, teacher_layers)
     ]
 

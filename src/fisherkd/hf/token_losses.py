@@ -272,7 +272,7 @@ def token_distillation_loss(
 
     def chunk_fn(r: Tensor, z_s: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         log_p_s = floored_log_probs(z_s[:, :vocab], temperature)
-        log_p_t = floored_log_probs(teacher.index_select(0, r)[:, :vocab], temperature)
+        log_p_t = floored_log_probs(teacher.index_select(0, r)[:, :vocab], temperature).to(log_p_s.dtype)
         value, h = divergence_and_h(log_p_s, log_p_t, divergence, beta, alpha)
         del log_p_t
         grad = softmax_backward(h, log_p_s.exp_(), scale / temperature) if want_grad else None

@@ -35,6 +35,8 @@ from transformers.training_args import ParallelMode
 
 from fisherkd.distiller import Distiller, MethodSpec, as_spec, model_logits
 from fisherkd.hf.layers import check_vocabularies
+from fisherkd.hf.token_losses import token_distillation_loss
+from fisherkd.methods import method_class
 
 __all__ = ["DISTILLER_STATE_NAME", "DistillationConfig", "DistillationTrainer", "TokenLossConfig"]
 
@@ -84,9 +86,13 @@ class DistillationConfig:
             self.token_loss = TokenLossConfig(**self.token_loss)
         self.methods = [as_spec(m) for m in self.methods]  # validate early: unknown keys fail here, not mid-run
         if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"teacher_dtype must be 'bfloat16', 'float16', 'float32' or None, got {self.teacher_dtype!r}")
+            raise ValueError(
+                f"teacher_dtype must be 'bfloat16', 'float16', 'float32' or None, got {self.teacher_dtype!r}"
+            )
         if not self.methods and self.token_loss is None and self.label_loss_weight == 0:
-            raise ValueError("DistillationConfig has nothing to train with: give methods, token_loss or label_loss_weight")
+            raise ValueError(
+                "DistillationConfig has nothing to train with: give methods, token_loss or label_loss_weight"
+            )
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -160,7 +166,7 @@ class DistillationTrainer(Trainer):
             truncate = config.token_loss is not None and config.token_loss.vocab_truncation
             check_vocabularies(_unwrap_peft(self.model), teacher_model, truncate)
             for spec in config.methods:
-                if spec.build().needs_target:
+                if method_class(spec.name).needs_target:
                     raise ValueError(
                         f"method {spec.name!r} needs one label per example, which a causal LM does not have; use "
                         "label_loss_weight for the language-modelling loss and token_loss for the teacher's tokens"
@@ -198,7 +204,9 @@ class DistillationTrainer(Trainer):
     def _example_batch(self) -> dict[str, Tensor]:
         """The first two training examples, collated as the training loader does (no sampler: no RNG is used)."""
         if self.train_dataset is None:
-            raise ValueError("methods with layer pairs size their adapters from a batch: pass train_dataset or example_input")
+            raise ValueError(
+                "methods with layer pairs size their adapters from a batch: pass train_dataset or example_input"
+            )
         loader = self._get_dataloader(self.train_dataset, description="Training", batch_size=2)
         return next(iter(loader))
 
@@ -218,7 +226,9 @@ class DistillationTrainer(Trainer):
             # One module over student, adapters and methods, so that the Trainer's usual optimizer construction
             # (weight-decay groups, optimizer class from the arguments) covers all of them.
             student = self.model if model is None else model
-            model = nn.ModuleDict({"student": student, "adapters": self.distiller.adapters, "methods": self.distiller.methods})
+            model = nn.ModuleDict(
+                {"student": student, "adapters": self.distiller.adapters, "methods": self.distiller.methods}
+            )
         optimizer = super().create_optimizer(model)
         if given and extra:
             optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -292,8 +302,6 @@ class DistillationTrainer(Trainer):
     def _token_loss(
         self, student: Tensor, teacher: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None
     ) -> Tensor:
-        from fisherkd.hf.token_losses import token_distillation_loss
-
         c = self.distillation.token_loss
         return token_distillation_loss(
             student,
@@ -349,7 +357,9 @@ class DistillationTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         if self.distiller is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             torch.save(self._distiller_state(), os.path.join(folder, DISTILLER_STATE_NAME))
 
     def _load_distiller_state(self, folder: str) -> None:
@@ -358,7 +368,9 @@ class DistillationTrainer(Trainer):
             return
         if not os.path.isfile(path):
             if self._distiller_state():
-                warnings.warn(f"{folder} has no {DISTILLER_STATE_NAME}: adapters and methods start afresh", stacklevel=2)
+                warnings.warn(
+                    f"{folder} has no {DISTILLER_STATE_NAME}: adapters and methods start afresh", stacklevel=2
+                )
             return
         state = torch.load(path, map_location=self.args.device, weights_only=True)
         missing, unexpected = self.distiller.load_state_dict(state, strict=False)

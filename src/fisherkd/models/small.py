@@ -19,6 +19,7 @@ class MLP(nn.Module):
             width = h
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, num_classes)
+        self.stages = tuple(f"features.{i}" for i, m in enumerate(layers) if isinstance(m, nn.ReLU))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -46,6 +47,7 @@ class CNN1D(nn.Module):
         for kernel in (5, 3, 3):
             out_len = (out_len + 2 - kernel) // 2 + 1
         self.head = nn.Linear(channels * out_len, num_classes)
+        self.stages = ("features.1", "features.3", "features.5")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 2:
