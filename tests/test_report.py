@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fisherkd.config import build_config
-from fisherkd.report import attention_agreement, class_activation_map, cka_matrix, map_agreement, write_report
+from fisherkd.report import attention_agreement, cka_matrix, class_activation_map, map_agreement, write_report
 from fisherkd.run import train
 from helpers import TinyCNN, tiny_image_batch
 
