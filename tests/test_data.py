@@ -529,3 +529,15 @@ def test_augment_all_off_is_identity() -> None:
     x, y = torch.randn(8, 3, 4, 4), torch.arange(8)
     out_x, out_y = augment(x, y, AugmentConfig())
     assert torch.equal(out_x, x) and torch.equal(out_y, y)
+
+
+def test_train_subset_is_fixed_and_leaves_the_test_split_whole():
+    from fisherkd.data import ArrayDataset, DataSplits
+
+    x, y = torch.arange(20.0)[:, None], torch.arange(20) % 4
+    splits = DataSplits("toy", ArrayDataset(x, y), ArrayDataset(x[:5], y[:5]), 4, (1,))
+    a, b = splits.with_train_subset(8), splits.with_train_subset(8)
+    assert torch.equal(a.train.x, b.train.x) and len(a.train) == 8 and len(a.test) == 5
+    assert len(set(a.train.x.flatten().tolist())) == 8  # without replacement
+    with pytest.raises(ValueError, match="train_subset=30 exceeds the 20"):
+        splits.with_train_subset(30)

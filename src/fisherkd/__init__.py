@@ -3,6 +3,7 @@
 from fisherkd import functional, methods
 from fisherkd.distiller import Distiller, DistillOutput, MethodSpec
 from fisherkd.methods import available, create, register
+from fisherkd.schemes import DualHead, EMATeacher, EnsembleTeacher, add_dual_head, load_student_weights
 from fisherkd.taps import Taps
 
 __version__ = "0.1.0"
@@ -10,11 +11,16 @@ __version__ = "0.1.0"
 __all__ = [
     "DistillOutput",
     "Distiller",
+    "DualHead",
+    "EMATeacher",
+    "EnsembleTeacher",
     "MethodSpec",
     "Taps",
+    "add_dual_head",
     "available",
     "create",
     "functional",
+    "load_student_weights",
     "methods",
     "register",
 ]

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fisherkd.config import ConfigError, RunConfig, build_config
-from fisherkd.data import load_dataset
+from fisherkd.data import load_splits
 from fisherkd.engine.trainer import _make_progress
 from fisherkd.methods.base import method_class
 from fisherkd.plots import plot_comparison
@@ -94,7 +94,7 @@ def run_compare(
     base_raw = {k: v for k, v in raw.items() if k not in ("variants", "compare")}
     base_raw["output_dir"] = str(output_dir / "runs")
     base = build_config(base_raw, overrides)
-    splits = load_dataset(base.data.name, base.data.root)
+    splits = load_splits(base.data)
     variants = build_variants(raw, methods, len(splits.train))
     configs = {
         label: [

@@ -119,6 +119,9 @@ class TeacherConfig(ModelConfig):
 class DataConfig(Strict):
     name: str = "mnist1d"
     root: str | None = None
+    train_subset: int | None = Field(
+        None, ge=1, description="train on this many training samples (a fixed random subset); the test split is whole"
+    )
 
 
 class TrackingConfig(Strict):

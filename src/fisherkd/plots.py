@@ -76,6 +76,7 @@ def plot_fisher_weights(weights: Mapping[str, Tensor], path: str | Path, width: 
     """
     import numpy as np
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     panels = []
     for label, w in weights.items():
@@ -90,7 +91,9 @@ def plot_fisher_weights(weights: Mapping[str, Tensor], path: str | Path, width: 
     high = max(float(np.nanmax(v)) for _, v in panels)
     bound = max(high, 1.0 / low, 1.001)
     heights = [max(1.0, 0.35 * v.shape[0] + 0.9) for _, v in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, sum(heights) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(8, sum(heights) + 0.6), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
     for ax, (label, values) in zip(axes[:, 0], panels):
         image = ax.imshow(values, cmap="coolwarm", norm=LogNorm(1.0 / bound, bound), aspect="auto",
                           interpolation="nearest")
@@ -98,7 +101,11 @@ def plot_fisher_weights(weights: Mapping[str, Tensor], path: str | Path, width: 
         ax.set_yticks(range(values.shape[0]), [str(r * values.shape[1]) for r in range(values.shape[0])],
                       fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
-        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="weight")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10) if 1 / bound <= t <= bound]
+        bar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="weight", ticks=ticks)
+        bar.ax.set_yticklabels([f"{t:g}" for t in ticks], fontsize=7)
+        bar.ax.minorticks_off()
     axes[-1, 0].set_xlabel("index (row label + column)")
     fig.tight_layout()
     path = Path(path)

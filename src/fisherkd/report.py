@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fisherkd import functional as Fn
 from fisherkd.config import RunConfig
-from fisherkd.data import load_dataset, make_loader
+from fisherkd.data import load_splits, make_loader
 from fisherkd.distiller import model_logits
 from fisherkd.taps import Taps
 
@@ -130,7 +130,7 @@ def write_report(run_dir: str | Path, samples: int = 256, checkpoint: str = "las
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     config = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    splits = load_dataset(config.data.name, config.data.root)
+    splits = load_splits(config.data)
     distiller = rebuild_distiller(run_dir, config, splits, checkpoint).cpu().eval()
     student, teacher = distiller.student, distiller.teacher
     batch = next(iter(make_loader(splits, "test", samples, shuffle=False).epoch(0)))

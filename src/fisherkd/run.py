@@ -13,7 +13,7 @@ from rich.progress import Progress
 from torch import nn
 
 from fisherkd.config import ModelConfig, RunConfig, StudentConfig, TeacherConfig
-from fisherkd.data import DataSplits, FolderSplits, load_dataset, make_loader
+from fisherkd.data import DataSplits, FolderSplits, load_splits, make_loader
 from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, save_atomic
 from fisherkd.engine.distributed import barrier, init_distributed, is_main
@@ -136,7 +136,7 @@ def train(
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    splits = splits or load_dataset(config.data.name, config.data.root)
+    splits = splits or load_splits(config.data)
     seed_everything(config.seed)
     student = build_student(config.student, splits)
     teacher, teacher_record = get_teacher(config, splits, progress, student) if config.teacher else (None, {})
@@ -191,7 +191,7 @@ def rebuild_distiller(
 def evaluate_run(run_dir: str | Path, checkpoint: str = "last") -> dict[str, Any]:
     """Re-evaluate a finished or interrupted run from its resolved config and a checkpoint."""
     config = RunConfig.model_validate(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
-    splits = load_dataset(config.data.name, config.data.root)
+    splits = load_splits(config.data)
     distiller = rebuild_distiller(run_dir, config, splits, checkpoint).to(resolve_device(config.device))
     metrics = evaluate(distiller, splits, config.train.eval_batch_size, config.train.amp)
     distiller.close()

@@ -62,8 +62,10 @@ class EnsembleTeacher(nn.Module):
         if not members:
             raise ValueError("an EnsembleTeacher needs at least one member")
         if average not in ("probs", "logits") or weighting not in ("fixed", "confidence"):
-            raise ValueError(f"average must be 'probs' or 'logits' and weighting 'fixed' or 'confidence', got "
-                             f"{average!r}, {weighting!r}")
+            raise ValueError(
+                f"average must be 'probs' or 'logits' and weighting 'fixed' or 'confidence', got "
+                f"{average!r}, {weighting!r}"
+            )
         self.members = nn.ModuleList(members)
         prior = torch.ones(len(members)) if weights is None else torch.tensor([float(w) for w in weights])
         if prior.shape != (len(members),) or (prior < 0).any() or prior.sum() <= 0:

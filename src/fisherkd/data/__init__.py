@@ -11,7 +11,7 @@ from fisherkd.data.folder import FolderLoader, FolderSplits, ImageFolderDataset,
 from fisherkd.data.glue import GLUE_TASKS, GlueExamples, GlueSplits, load_glue, tokenize_glue
 from fisherkd.data.mnist1d import load_mnist1d
 from fisherkd.data.npz import load_npz
-from fisherkd.data.registry import LOADERS, available_datasets, load_dataset, make_loader
+from fisherkd.data.registry import LOADERS, available_datasets, load_dataset, load_splits, make_loader
 
 __all__ = [
     "GLUE_TASKS",
@@ -30,6 +30,7 @@ __all__ = [
     "available_datasets",
     "load_cifar",
     "load_dataset",
+    "load_splits",
     "load_fashion_mnist",
     "load_glue",
     "load_image_folder",

@@ -43,6 +43,14 @@ class DataSplits:
     num_classes: int
     input_shape: tuple[int, ...]
 
+    def with_train_subset(self, size: int, seed: int = 0) -> DataSplits:
+        """The same splits with ``size`` training samples drawn once, by ``seed``, without replacement."""
+        if size > len(self.train):
+            raise ValueError(f"train_subset={size} exceeds the {len(self.train)} training samples of {self.name}")
+        keep = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:size]
+        train = ArrayDataset(self.train.x[keep], self.train.y[keep])
+        return DataSplits(self.name, train, self.test, self.num_classes, self.input_shape)
+
     @property
     def in_channels(self) -> int:
         return self.input_shape[0] if len(self.input_shape) == 3 else 1

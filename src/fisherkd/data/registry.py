@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -16,6 +16,9 @@ from fisherkd.data.folder import FolderLoader, FolderSplits, load_image_folder
 from fisherkd.data.mnist1d import load_mnist1d
 from fisherkd.data.npz import load_npz
 from fisherkd.methods.base import nearest
+
+if TYPE_CHECKING:
+    from fisherkd.config import DataConfig
 
 # Every loader takes ``root`` (its directory or file; None = its default, where it has one) and keyword options.
 LOADERS: dict[str, Callable[..., DataSplits | FolderSplits]] = {
@@ -68,3 +71,13 @@ def make_loader(
         return splits.loader(split, batch_size, shuffle, drop_last, seed, device, num_workers)
     data = splits.train if split == "train" else splits.test
     return DeviceLoader(data.to(device), batch_size, shuffle, drop_last, seed, rank, world_size)
+
+
+def load_splits(config: DataConfig) -> DataSplits | FolderSplits:
+    """The dataset a run config names, with its training subset when it asks for one."""
+    splits = load_dataset(config.name, config.root)
+    if config.train_subset is None:
+        return splits
+    if not isinstance(splits, DataSplits):
+        raise ValueError(f"data.train_subset works on array datasets, not on {config.name!r}")
+    return splits.with_train_subset(config.train_subset)

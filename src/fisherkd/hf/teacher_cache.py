@@ -277,10 +277,10 @@ def topk_distillation_loss(
     teacher = torch.cat([cached_logprobs.reshape(-1, k), tail_logprob.reshape(-1, 1)], dim=-1)
     scale = loss_scale(divergence, temperature)
 
-    def chunk_fn(r: Tensor, z_s: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-        idx = indices.index_select(0, r).long()
-        log_p_s = _log_probs(z_s, temperature)
-        log_q_t = teacher.index_select(0, r).to(log_p_s.dtype).clamp_min_(LOG_FLOOR)
+    def chunk_fn(student: Tensor, r: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+        idx = indices[r].long()
+        log_p_s = _log_probs(student[r], temperature)
+        log_q_t = teacher[r].to(log_p_s.dtype).clamp_min_(LOG_FLOOR)
         outside = log_p_s.scatter(-1, idx, -math.inf)  # the student's log-probabilities of the tail tokens only
         log_tail_s = outside.logsumexp(-1, keepdim=True).clamp_min_(LOG_FLOOR)
         log_q_s = torch.cat([log_p_s.gather(-1, idx), log_tail_s], dim=-1).clamp_min_(LOG_FLOOR)

@@ -53,7 +53,7 @@ DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 # exp(−1e30) is exactly 0 in float32, so a real log-probability is never changed.
 LOG_FLOOR = -1e30
 
-# (chunk rows, student logits of those rows, need gradient) → (per-row loss, per-row ∂loss/∂logits or None)
+# (flat student logits [N, V], chunk rows, need gradient) → (per-row loss, per-row ∂loss/∂logits or None)
 ChunkFn = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
@@ -81,7 +81,7 @@ def divergence_and_h(
     """Per-row divergence between two distributions given as log-probabilities [n, K] (fp32), unscaled by τ²,
     and h = p_s ⊙ ∂ℓ/∂p_s [n, K] up to a per-row multiple of p_s (see the module docstring)."""
     if divergence == "forward_kl":
-        return _kl(log_p_t, log_p_s), -log_p_t.exp()
+        return _kl(log_p_t, log_p_s), log_p_t.exp().neg_()
     p_s = log_p_s.exp()
     if divergence == "reverse_kl":
         return _kl(log_p_s, log_p_t), p_s * (log_p_s - log_p_t)
@@ -174,7 +174,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk_size):
             r = rows[start : start + chunk_size]
             w = weight[start : start + chunk_size]
-            loss, g = chunk_fn(r, student.index_select(0, r), want_grad)
+            loss, g = chunk_fn(student, r, want_grad)
             total += (w * loss).sum()
             if grad is not None and g is not None:
                 # a truncated vocabulary gives a narrower g: the remaining columns keep their zero gradient
@@ -270,9 +270,10 @@ def token_distillation_loss(
     teacher = teacher_logits.detach().reshape(-1, v_t)
     scale = loss_scale(divergence, temperature)
 
-    def chunk_fn(r: Tensor, z_s: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-        log_p_s = floored_log_probs(z_s[:, :vocab], temperature)
-        log_p_t = floored_log_probs(teacher.index_select(0, r)[:, :vocab], temperature).to(log_p_s.dtype)
+    def chunk_fn(student: Tensor, r: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+        # x[r], not index_select: for bf16 rows on the CPU the latter is about ten times slower
+        log_p_s = floored_log_probs(student[r, :vocab], temperature)
+        log_p_t = floored_log_probs(teacher[r, :vocab], temperature).to(log_p_s.dtype)
         value, h = divergence_and_h(log_p_s, log_p_t, divergence, beta, alpha)
         del log_p_t
         grad = softmax_backward(h, log_p_s.exp_(), scale / temperature) if want_grad else None

@@ -84,7 +84,9 @@ class DistillationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.token_loss, Mapping):
             self.token_loss = TokenLossConfig(**self.token_loss)
-        self.methods = [as_spec(m) for m in self.methods]  # validate early: unknown keys fail here, not mid-run
+        self.methods = [as_spec(m) for m in self.methods]
+        for spec in self.methods:
+            method_class(spec.name)  # an unknown name fails here, with suggestions, rather than inside the Trainer
         if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(
                 f"teacher_dtype must be 'bfloat16', 'float16', 'float32' or None, got {self.teacher_dtype!r}"
@@ -190,9 +192,12 @@ class DistillationTrainer(Trainer):
         teacher.requires_grad_(False)
         teacher.eval()
         dtype = getattr(torch, self.distillation.teacher_dtype) if self.distillation.teacher_dtype else None
-        teacher.to(device=self.args.device, dtype=dtype)
+        teacher.to(device=self._student_device(), dtype=dtype)
         if getattr(getattr(teacher, "config", None), "use_cache", False):
             teacher.config.use_cache = False  # a frozen teacher scores whole sequences: a KV cache is only memory
+
+    def _student_device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def _build_distiller(self, methods: list[MethodSpec], example_input: Mapping[str, Tensor] | None) -> Distiller:
         if example_input is None and any(spec.pairs for spec in methods):
@@ -271,8 +276,14 @@ class DistillationTrainer(Trainer):
         if self.distiller is not None:
             self.distiller.train(model.training)  # adapters/methods follow the student; the teacher stays in eval
             out = self.distiller(model_inputs, None if self.causal_lm else labels)
-            student_logits, teacher_logits, batch_terms = out.logits, out.teacher_logits, dict(out.losses)
+            student_logits, teacher_logits, batch_terms, stats = (
+                out.logits,
+                out.teacher_logits,
+                dict(out.losses),
+                out.stats,
+            )
         else:
+            stats = {}
             with torch.no_grad():
                 teacher_logits = model_logits(self.teacher_model(**model_inputs))
             student_logits, batch_terms = model_logits(model(**model_inputs)), {}
@@ -290,7 +301,7 @@ class DistillationTrainer(Trainer):
             )
         loss = self._combine(model, batch_terms, token_terms, num_items_in_batch)
         if model.training:
-            self._accumulate_terms({**batch_terms, **token_terms})
+            self._accumulate_terms({**batch_terms, **token_terms, **stats})
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
     def _label_loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
@@ -372,7 +383,7 @@ class DistillationTrainer(Trainer):
                     f"{folder} has no {DISTILLER_STATE_NAME}: adapters and methods start afresh", stacklevel=2
                 )
             return
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        state = torch.load(path, map_location=self._student_device(), weights_only=True)
         missing, unexpected = self.distiller.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("student.", "teacher."))]
         if missing or unexpected:

@@ -40,8 +40,10 @@ class DualHeadKD(Method):
         super().__init__(**hparams)
         cls = method_class(self.hparams.loss)
         if cls.family != "logit":
-            raise TypeError(f"method 'dual_head': loss {cls.name!r} is a {cls.family} method; use a logit method "
-                            "such as kd, dkd or dist")
+            raise TypeError(
+                f"method 'dual_head': loss {cls.name!r} is a {cls.family} method; use a logit method "
+                "such as kd, dkd or dist"
+            )
         self.inner = cls(**self.hparams.loss_params)
         self.needs_target = self.inner.needs_target
 
