@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = example.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
+    cpu_start = time.process_time()
     report = example.run(args)
     report["device"] = {
         "kind": "cpu",
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),  # > cores: other work shared the CPU
+        # CPU seconds of this process: with other work on the machine, cpu_seconds / cores estimates the wall time
+        # the run would take on free cores better than total_seconds does
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
     }
     report["versions"] = {
         "python": platform.python_version(),

@@ -1,7 +1,8 @@
 """FisherKD: knowledge distillation for PyTorch with Fisher-information weighting."""
 
-from fisherkd import functional, methods
+from fisherkd import fisher, functional, methods
 from fisherkd.distiller import Distiller, DistillOutput, MethodSpec
+from fisherkd.fisher import FisherSpec
 from fisherkd.methods import available, create, register
 from fisherkd.schemes import DualHead, EMATeacher, EnsembleTeacher, add_dual_head, load_student_weights
 from fisherkd.taps import Taps
@@ -14,11 +15,13 @@ __all__ = [
     "DualHead",
     "EMATeacher",
     "EnsembleTeacher",
+    "FisherSpec",
     "MethodSpec",
     "Taps",
     "add_dual_head",
     "available",
     "create",
+    "fisher",
     "functional",
     "load_student_weights",
     "methods",

@@ -50,20 +50,24 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(methods_markdown(rows))
         return
     table = Table(title="FisherKD methods")
-    for column in ("name", "family", "loss weight", "defaults", "paper"):
+    for column in ("name", "family", "loss weight", "Fisher axes", "defaults", "paper"):
         table.add_column(column)
     for row in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
-        table.add_row(row["name"], row["family"], f"{row['default_weight']:g}", defaults, row["paper"])
+        axes = ", ".join(row["fisher_axes"]) or "-"
+        table.add_row(row["name"], row["family"], f"{row['default_weight']:g}", axes, defaults, row["paper"])
     console.print(table)
 
 
 def methods_markdown(rows: list[dict]) -> str:
     """The README's method table, generated from the registry."""
-    lines = ["| method | family | loss weight | defaults | paper |", "|---|---|---|---|---|"]
+    lines = ["| method | family | loss weight | Fisher axes | defaults | paper |", "|---|---|---|---|---|---|"]
     for row in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items()) or "-"
-        lines.append(f"| `{row['name']}` | {row['family']} | {row['default_weight']:g} | {defaults} | {row['paper']} |")
+        axes = ", ".join(row["fisher_axes"]) or "-"
+        lines.append(
+            f"| `{row['name']}` | {row['family']} | {row['default_weight']:g} | {axes} | {defaults} | {row['paper']} |"
+        )
     return "\n".join(lines)
 
 

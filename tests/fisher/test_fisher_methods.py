@@ -67,7 +67,8 @@ def test_attention_heads_and_tokens_of_a_vit_are_weightable_and_gamma_zero_is_ex
     plain = run(None)
     assert torch.equal(run({"axis": "head", "gamma": 0.0}), plain)
     assert not torch.equal(run({"axis": "head"}), plain)
-    assert not torch.equal(run({"axis": "token", "estimator": "empirical", "tap": "blocks.0"}), plain)
+    assert not torch.equal(run({"axis": "token", "estimator": "empirical", "tap": "blocks.0"}), plain)  # B×T×D
+    assert not torch.equal(run({"axis": "token"}), plain)  # per query, from the attention probabilities
 
 
 def test_lambda_warmup_starts_unweighted():
@@ -184,3 +185,20 @@ def test_the_weighted_step_reads_nothing_on_the_host(monkeypatch):
         distiller.after_optimizer_step()
     monkeypatch.undo()
     assert len(out.stats) == 2 * len(IMAGE_CASES) and all(v.dim() == 0 for v in out.stats.values())
+
+
+def test_token_weights_from_per_token_logits_have_mean_one_over_each_sequence_valid_tokens():
+    from fisherkd.fisher import FisherBatch, FisherSpec, FisherWeighter
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g) * 3
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    weighter = FisherWeighter(FisherSpec(axis="token", estimator="logit"), "lm")
+    weights, stats = weighter(FisherBatch(torch.zeros(3, 7), torch.nn.Identity(), logits, mask=mask))
+    assert weights.shape == (3, 7) and set(stats) == {"entropy", "max_min"}
+    for b in range(3):
+        assert weights[b][mask[b].bool()].mean().item() == pytest.approx(1.0, abs=1e-5)
+    trace = 1 - F.softmax(logits, -1).pow(2).sum(-1)  # the per-token Fisher trace orders the weights
+    valid = mask[0].bool()
+    assert torch.equal(weights[0][valid].argsort(), trace[0][valid].argsort())

@@ -95,6 +95,20 @@ def test_extreme_logits_stay_finite_and_exact(divergence):
     torch.testing.assert_close(ours[1], ref[1])
 
 
+# reverse KL is left out: where the teacher gives a token probability 0 and the student does not, it is infinite
+@pytest.mark.parametrize("divergence", [d for d in DIVERGENCES if d != "reverse_kl"])
+def test_minus_infinity_logits_are_zero_probabilities(divergence):
+    zs, zt, labels = make(seed=5)
+    masked = zt.clone()
+    masked[..., :3] = -torch.inf  # e.g. tokens a generation constraint forbids
+    finite = zt.clone()
+    finite[..., :3] = -1e4
+    value, grad = value_and_grad(lambda: token_distillation_loss(zs, masked, labels, divergence), zs)
+    expected = value_and_grad(lambda: token_distillation_loss(zs, finite, labels, divergence), zs)
+    torch.testing.assert_close(value, expected[0])
+    torch.testing.assert_close(grad, expected[1])
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_inputs(divergence, dtype):

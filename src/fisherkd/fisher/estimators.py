@@ -183,6 +183,16 @@ def position_fisher(diagonal: Tensor) -> Tensor:
     return diagonal.float().sum(_channel_axis(diagonal))
 
 
+def token_fisher(diagonal: Tensor) -> Tensor:
+    """Per-sample, per-token Fisher (shape B×T) from an elementwise diagonal Fisher of B×T×D hidden states (Σ over
+    the hidden units) or of B×H×T×T attention maps (Σ over heads and keys: per query token)."""
+    if diagonal.dim() == 3:
+        return diagonal.float().sum(-1)
+    if diagonal.dim() == 4:
+        return diagonal.float().sum((1, 3))
+    raise ValueError(f"a per-token Fisher needs B×T×D or B×H×T×T, got shape {tuple(diagonal.shape)}")
+
+
 def head_gate_fisher(value: Tensor, grad: Tensor, num_heads: int | None = None) -> Tensor:
     """Per-sample Fisher of a multiplicative gate ξ_h on each attention head, (∂ log p/∂ξ_h)², shape [B, H].
 

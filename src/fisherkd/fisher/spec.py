@@ -19,7 +19,7 @@ ESTIMATORS: dict[str, tuple[str, ...]] = {
     "channel": ("sampled", "empirical", "linear_head"),
     "position": ("sampled", "empirical", "linear_head"),
     "head": ("sampled", "empirical"),
-    "token": ("logit", "sampled", "empirical"),
+    "token": ("sampled", "empirical", "logit"),
     "parameter": ("sampled",),
 }
 
@@ -47,7 +47,7 @@ class FisherSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     axis: Axis = Field(description="what to weight: sample, class, channel, position, head, token or parameter")
-    estimator: Estimator | None = Field(None, description="default: logit for sample/class/token, else sampled")
+    estimator: Estimator | None = Field(None, description="default: logit for sample/class, else sampled")
     tap: str | None = Field(None, description="teacher tap of the activation Fisher; default: the method's first pair")
     head: str | None = Field(None, description="teacher's linear classifier for linear_head; default: its last Linear")
     num_heads: int | None = Field(None, ge=1, description="heads of a B×T×D context tap (head axis)")

@@ -111,12 +111,11 @@ class FisherWeighter(nn.Module):
             return weights, weight_stats(weights)
         if self.training and self._due():
             self._update(batch)
-        statistic = self.statistic.read()
-        if statistic is None:
+        if self.statistic.updates == 0:
             return None, {}
-        key = (self.statistic.updates, lam, statistic.device)
-        if self._cache is None or self._cache[0] != key:
-            weights = self._normalize(statistic, lam)
+        key = (self.statistic.updates, lam, self.statistic.value.device)
+        if self._cache is None or self._cache[0] != key:  # the weights change only with the statistic or λ
+            weights = self._normalize(self.statistic.read(), lam)
             self._cache = (key, weights, weight_stats(weights))
             self.last_weights = weights
         return self._cache[1], self._cache[2]
@@ -146,8 +145,10 @@ class FisherWeighter(nn.Module):
                     f"{tuple(logits.shape)}; use fisher.estimator: sampled with a tap on the tokens"
                 )
             return E.logit_fisher_trace(logits, tau), batch.mask
-        importance = E.position_fisher(self._elementwise(batch, logits.shape[0]))
-        return importance, batch.mask if self.axis == "token" else None
+        diagonal = self._elementwise(batch, logits.shape[0])
+        if self.axis == "token":
+            return E.token_fisher(diagonal), batch.mask
+        return E.position_fisher(diagonal), None
 
     def _update(self, batch: FisherBatch) -> None:
         """One EMA update from the first ⌈fraction·B⌉ samples of the batch."""

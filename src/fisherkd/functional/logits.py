@@ -46,7 +46,10 @@ def _float32(x: Tensor) -> Tensor:
 
 def _log_probs(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
     """log softmax(z/τ) over the last axis, in float32 at least."""
-    return F.log_softmax(_float32(logits) / temperature, dim=-1)
+    z = _float32(logits)
+    if isinstance(temperature, Tensor) or temperature != 1.0:  # skip a full-size copy at τ = 1
+        z = z / temperature
+    return F.log_softmax(z, dim=-1)
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from fisherkd.functional.logits import _log_probs
 from fisherkd.hf.token_losses import (
+    DEFAULT_CHUNK_SIZE,
     LOG_FLOOR,
     Divergence,
     accumulation_dtype,
@@ -68,7 +69,7 @@ class TopKTeacherBatch:
 
 
 def teacher_topk(
-    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int = 1024
+    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k (indices [..., k], log-probabilities [..., k]) of softmax(z/τ) and the tail log-mass [...],
     computed ``chunk_size`` rows at a time so the fp32 log-probabilities of all tokens are never held at once."""
@@ -119,7 +120,7 @@ def cache_teacher_topk(
     k: int = 64,
     temperature: float = 1.0,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
 ) -> CachedTeacher:
     """Run ``teacher`` (eval mode, no gradients) once over ``batches`` and store its top-k next-token
@@ -144,7 +145,7 @@ def cache_teacher_topk(
     vocab = None
     count = 0
     try:
-        for count, batch in enumerate(batches, start=1):  # noqa: B007 - count is read after the loop
+        for batch in batches:
             inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if key in batch}
             output = teacher(**inputs)
             logits = output.logits if hasattr(output, "logits") else output
@@ -152,13 +153,14 @@ def cache_teacher_topk(
             indices, logprobs, tail = teacher_topk(logits, k, temperature, chunk_size)
             _save(
                 {
-                    "indices": indices.to(torch.int32),  # token ids fit 31 bits; halves the largest file part
+                    "indices": indices.to(torch.int32),  # token ids fit 31 bits: half of int64
                     "logprobs": logprobs,
                     "tail_logprob": tail,
                     "input_ids": batch["input_ids"],
                 },
-                _batch_file(directory, count - 1),
+                _batch_file(directory, count),
             )
+            count += 1
     finally:
         teacher.train(was_training)
     meta = {
@@ -207,7 +209,8 @@ class CachedTeacher:
         cached = TopKTeacherBatch(
             tensors["indices"], tensors["logprobs"], tensors["tail_logprob"], tensors.get("input_ids")
         )
-        if input_ids is not None and cached.input_ids is not None and not torch.equal(input_ids.cpu(), cached.input_ids):
+        seen = cached.input_ids
+        if input_ids is not None and seen is not None and not torch.equal(input_ids.cpu().long(), seen.long()):
             raise ValueError(
                 f"batch {i} of the teacher cache was made from other input_ids than the ones given: replay the "
                 "cached batches in the order they were cached (no shuffling, same batch size and padding)"
@@ -239,7 +242,7 @@ def topk_distillation_loss(
     *,
     beta: float = 0.5,
     alpha: float = 0.1,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     shift: bool = True,
     ignore_index: int = -100,
     token_weight: Tensor | None = None,

@@ -35,7 +35,7 @@ from transformers.training_args import ParallelMode
 
 from fisherkd.distiller import Distiller, MethodSpec, as_spec, model_logits
 from fisherkd.hf.layers import check_vocabularies
-from fisherkd.hf.token_losses import token_distillation_loss
+from fisherkd.hf.token_losses import DEFAULT_CHUNK_SIZE, token_distillation_loss
 from fisherkd.methods import method_class
 
 __all__ = ["DISTILLER_STATE_NAME", "DistillationConfig", "DistillationTrainer", "TokenLossConfig"]
@@ -55,7 +55,7 @@ class TokenLossConfig:
     weight: float = 1.0
     divergence: str = "forward_kl"
     temperature: float = 1.0
-    chunk_size: int = 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     beta: float = 0.5  # JSD interpolation
     alpha: float = 0.1  # skew of the skew KLs
     vocab_truncation: bool = False  # allow padded embedding matrices of one tokenizer (first min(V_s, V_t) entries)
@@ -128,10 +128,12 @@ class DistillationTrainer(Trainer):
     """A ``transformers.Trainer`` that trains ``model`` (the student) from a frozen ``teacher_model``.
 
     The teacher is put in eval mode with ``requires_grad=False``, moved to the student's device and optionally
-    cast (``teacher_dtype``). Adapters and method parameters are optimised with the student (one extra optimizer
-    group, same learning rate and weight-decay rules), clipped with it, and saved in every checkpoint as
-    ``fisherkd_distiller.pt``, so ``train(resume_from_checkpoint=...)`` restores them. Every loss term is logged
-    (``distill/<term>``) to whatever ``report_to`` names.
+    cast (``teacher_dtype``). Adapters and method parameters are optimised with the student (the Trainer's own
+    optimizer construction runs over all of them: same learning rate and weight-decay rules), clipped with it, and
+    saved in every checkpoint as ``fisherkd_distiller.pt`` with the Fisher statistics, so
+    ``train(resume_from_checkpoint=...)`` restores them. Every loss term and Fisher diagnostic is logged
+    (``distill/<term>``, mean since the last log) to whatever ``report_to`` names. Without ``distillation``, a
+    causal LM gets the forward-KL token loss and any other model logit KD (``kd``).
 
     Loss normalisation under gradient accumulation: per-batch terms (all methods, the classification label loss)
     are divided by the number of accumulated micro-batches, as the Trainer does for a mean loss; token-level terms
@@ -139,7 +141,8 @@ class DistillationTrainer(Trainer):
     so they equal the per-token mean over that batch however the tokens fall into micro-batches.
 
     ``example_input`` (a batch dict) sizes the adapters; by default the first two training examples are used.
-    Multi-process (DDP) training with methods is not supported yet: the distiller calls the unwrapped student.
+    The distiller's forward hooks stay on both models until ``trainer.distiller.close()``. Multi-process (DDP)
+    training with methods is not supported yet: the distiller calls the unwrapped student.
     """
 
     # compute_loss returns a loss already scaled for gradient accumulation (see the class docstring)
@@ -159,9 +162,14 @@ class DistillationTrainer(Trainer):
         if kwargs.get("model_init") is not None:
             raise ValueError("DistillationTrainer does not support model_init: the distiller is built around `model`")
         super().__init__(model, *args, **kwargs)
-        self.distillation = distillation or DistillationConfig(methods=["kd"])
-        config = self.distillation
-        self.causal_lm = _is_causal_lm(self.model, config.task)
+        self.causal_lm = _is_causal_lm(self.model, distillation.task if distillation else "auto")
+        default = DistillationConfig(token_loss={}) if self.causal_lm else DistillationConfig(methods=["kd"])
+        self.distillation = config = distillation or default
+        if config.methods and self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            raise NotImplementedError(
+                "DistillationTrainer with methods runs in one process for now: the distiller calls the student "
+                "outside the DDP wrapper. Use token_loss / label_loss_weight only, or fisherkd's own engine for DDP"
+            )
         self.teacher_model = teacher_model
         self._prepare_teacher()
         if self.causal_lm:
@@ -176,11 +184,6 @@ class DistillationTrainer(Trainer):
         elif config.token_loss is not None:
             raise ValueError("token_loss is for causal LMs; for this model use logit methods such as 'kd'")
         self.distiller = self._build_distiller(config.methods, example_input) if config.methods else None
-        if self.distiller is not None and self.args.parallel_mode == ParallelMode.DISTRIBUTED:
-            raise NotImplementedError(
-                "DistillationTrainer with methods runs in one process for now: the distiller calls the student "
-                "outside the DDP wrapper. Use token_loss / label_loss_weight only, or fisherkd's own engine for DDP"
-            )
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
         self.add_callback(_DistillerCallback(self))
@@ -273,20 +276,7 @@ class DistillationTrainer(Trainer):
         config = self.distillation
         labels = inputs.get("labels")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the teacher need not compute a loss
-        if self.distiller is not None:
-            self.distiller.train(model.training)  # adapters/methods follow the student; the teacher stays in eval
-            out = self.distiller(model_inputs, None if self.causal_lm else labels)
-            student_logits, teacher_logits, batch_terms, stats = (
-                out.logits,
-                out.teacher_logits,
-                dict(out.losses),
-                out.stats,
-            )
-        else:
-            stats = {}
-            with torch.no_grad():
-                teacher_logits = model_logits(self.teacher_model(**model_inputs))
-            student_logits, batch_terms = model_logits(model(**model_inputs)), {}
+        student_logits, teacher_logits, batch_terms, stats = self._forward(model, model_inputs, labels)
         token_terms: dict[str, Tensor] = {}
         if config.label_loss_weight:
             if labels is None:
@@ -303,6 +293,18 @@ class DistillationTrainer(Trainer):
         if model.training:
             self._accumulate_terms({**batch_terms, **token_terms, **stats})
         return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _forward(
+        self, model: nn.Module, inputs: dict[str, Any], labels: Tensor | None
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Student and teacher logits, the methods' weighted loss terms and the Fisher diagnostics."""
+        if self.distiller is None:
+            with torch.no_grad():
+                teacher_logits = model_logits(self.teacher_model(**inputs))
+            return model_logits(model(**inputs)), teacher_logits, {}, {}
+        self.distiller.train(model.training)  # adapters and methods follow the student; the teacher stays in eval
+        out = self.distiller(inputs, None if self.causal_lm else labels)
+        return out.logits, out.teacher_logits, dict(out.losses), out.stats
 
     def _label_loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
         """The student's own task loss, by Transformers' loss functions (so regression / multi-label work too)."""

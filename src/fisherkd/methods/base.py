@@ -143,6 +143,7 @@ def describe(name: str) -> dict[str, Any]:
         "paper": cls.paper,
         "default_weight": cls.default_weight,
         "label_weight": cls.label_weight,
+        "fisher_axes": list(cls.weight_axes),
         "defaults": defaults,
     }
 

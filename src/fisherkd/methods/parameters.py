@@ -43,6 +43,7 @@ class FisherParam(Method):
             raise ValueError("fisher_param needs a teacher")
         own = dict(teacher.named_parameters())
         prefixes = self.hparams.include
+        self.parameter_names, self._pairs = [], []
         for name, p in student.named_parameters():
             match = own.get(name)
             if match is not None and match.shape == p.shape and (not prefixes or name.startswith(prefixes)):
