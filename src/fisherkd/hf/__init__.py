@@ -1,24 +1,40 @@
-"""Hugging Face Transformers integration: token-level LM distillation losses and an offline top-k teacher cache."""
+"""Hugging Face Transformers integration: a ``DistillationTrainer``, layer maps for hidden/attention transfer,
+token-level LM distillation losses with bounded memory and an offline top-k teacher cache.
+
+The trainer is imported on first use, so the losses and the cache work without importing ``transformers``.
+"""
+
+from typing import Any
 
 from fisherkd.hf.layers import attention_pairs, check_vocabularies, hidden_pairs, layer_map, qkv_pairs
 from fisherkd.hf.teacher_cache import CachedTeacher, TopKTeacherBatch, cache_teacher_topk, topk_distillation_loss
 from fisherkd.hf.token_losses import DIVERGENCES, Divergence, token_distillation_loss
-from fisherkd.hf.trainer import DistillationConfig, DistillationTrainer, TokenLossConfig
+
+_TRAINER_NAMES = ("DistillationConfig", "DistillationTrainer", "TokenLossConfig")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINER_NAMES:
+        from fisherkd.hf import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'fisherkd.hf' has no attribute {name!r}")
+
 
 __all__ = [
+    "DIVERGENCES",
+    "CachedTeacher",
     "DistillationConfig",
     "DistillationTrainer",
+    "Divergence",
     "TokenLossConfig",
+    "TopKTeacherBatch",
     "attention_pairs",
+    "cache_teacher_topk",
     "check_vocabularies",
     "hidden_pairs",
     "layer_map",
     "qkv_pairs",
-    "DIVERGENCES",
-    "CachedTeacher",
-    "Divergence",
-    "TopKTeacherBatch",
-    "cache_teacher_topk",
     "token_distillation_loss",
     "topk_distillation_loss",
 ]
