@@ -38,53 +38,66 @@ def normalize(
         raise ValueError(f"clip must satisfy 0 < lo <= 1 <= hi so that mean-1 weights exist, got {clip}")
     if gamma == 0.0 or lam == 0.0:
         return torch.ones_like(importance, dtype=torch.float32)
-    r = importance.detach().float().clamp_min(0.0).movedim(dim, -1)
-    valid = torch.ones_like(r, dtype=torch.bool) if mask is None else mask.to(torch.bool).movedim(dim, -1)
-    count = valid.sum(-1, keepdim=True).clamp_min(1)
-    r = torch.where(valid, r, 0.0)
-    r = torch.maximum(r, floor * r.sum(-1, keepdim=True) / count)
-    # Scale so the largest entry is 1 before the power: r̃^γ cannot overflow, and u/mean u is scale-free anyway.
-    top = r.amax(-1, keepdim=True)
-    u = torch.where(top > 0, r / top.clamp_min(torch.finfo(r.dtype).tiny), 1.0).pow(gamma)
-    u = torch.where(valid, u, 0.0)
-    v = (1.0 - lam) + lam * u * (count / u.sum(-1, keepdim=True))
-    w = _clip_to_mean_one(torch.where(valid, v, 0.0), valid, count, lo, hi)
-    return torch.where(valid, w, 1.0).movedim(-1, dim)
+    last = dim in (-1, importance.dim() - 1)
+    r = importance.detach().float()
+    r = r if last else r.movedim(dim, -1)
+    valid = None if mask is None else mask.to(r.dtype) if last else mask.to(r.dtype).movedim(dim, -1)  # 1 = valid
+    count: Tensor | float = float(r.shape[-1])
+    if valid is not None:
+        r = r * valid
+        count = valid.sum(-1, keepdim=True).clamp_min(1.0)
+    # tiny > 0 makes an all-zero row uniform rather than 0/0; it is far below any floor·mean of a real row.
+    r = torch.maximum(r.clamp_min(_TINY), r.sum(-1, keepdim=True) * (floor / count))
+    # Scaled so the largest entry is 1 before the power: r̃^γ cannot overflow, and u/mean u is scale-free anyway.
+    u = (r / r.amax(-1, keepdim=True)).pow(gamma)
+    if valid is not None:
+        u = u * valid
+    v = u * (lam * count / u.sum(-1, keepdim=True)) + (1.0 - lam)
+    if valid is None:
+        w = _clip_to_mean_one(v, count, lo, hi)
+    else:
+        w = torch.where(valid > 0, _clip_to_mean_one(v * valid, count, lo, hi, invalid=r.shape[-1] - count), 1.0)
+    return w if last else w.movedim(-1, dim)
 
 
-def _clip_to_mean_one(v: Tensor, valid: Tensor, count: Tensor, lo: float, hi: float) -> Tensor:
-    """clip(s·v, lo, hi) over the last axis with the s > 0 that makes the mean over valid entries exactly 1.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _clip_to_mean_one(
+    v: Tensor, count: Tensor | float, lo: float, hi: float, invalid: Tensor | float = 0.0
+) -> Tensor:
+    """clip(s·v, lo, hi) over the last axis with the s > 0 that makes its mean over the ``count`` valid entries
+    exactly 1 (``invalid`` entries are zeros of ``v``).
 
     S(s) = Σ_valid clip(s·v_i, lo, hi) is continuous, non-decreasing and piecewise linear in s with breakpoints at
     lo/v_i and hi/v_i, and S = lo·n at the smallest breakpoint, hi·n at the largest. Evaluating S at every
     breakpoint (sorted v, prefix sums and binary search: O(n log n), no loop, no host sync) finds the segment
     where S crosses n; on it the clipped sets are fixed and s solves a linear equation.
     """
-    n_invalid = (~valid).sum(-1, keepdim=True)  # invalid entries are 0: they sort first and count as "below"
-    ordered = v.sort(-1).values
+    ordered = v.sort(-1).values.contiguous()
     prefix = F.pad(ordered.cumsum(-1), (1, 0))
     size = v.shape[-1]
-    scale_of = torch.where(valid, v, torch.inf)
-    breakpoints = torch.cat([lo / scale_of, hi / scale_of], -1)
-    breakpoints = torch.where(breakpoints.isfinite(), breakpoints, breakpoints.nan_to_num(posinf=0.0).amax(-1, True))
 
-    def segment(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # Clipped sets just to the right of s: below = {v < lo/s}, above = {v >= hi/s}.
-        below = torch.searchsorted(ordered.contiguous(), (lo / s).contiguous())
-        above = size - torch.searchsorted(ordered.contiguous(), (hi / s).contiguous())
-        middle = prefix.gather(-1, size - above) - prefix.gather(-1, below)
-        return (below - n_invalid).to(v.dtype), above.to(v.dtype), middle
+    def sets(s: Tensor) -> tuple[Tensor, Tensor]:
+        """lo·#below + hi·#above and Σ v over the middle, for the clipped sets just to the right of s."""
+        inverse = s.reciprocal()
+        low = torch.searchsorted(ordered, inverse * lo)  # v < lo/s (with the invalid zeros)
+        high = torch.searchsorted(ordered, inverse * hi)  # v < hi/s; the rest is above
+        clipped = lo * (low - invalid) + hi * (size - high)
+        return clipped, prefix.gather(-1, high) - prefix.gather(-1, low)
 
-    below, above, middle = segment(breakpoints)
-    total = lo * below + hi * above + breakpoints * middle
-    start = torch.where(total <= count, breakpoints, 0.0).amax(-1, keepdim=True)
+    inverse = v.reciprocal()
+    breakpoints = torch.cat([inverse * lo, inverse * hi], -1)
+    if not isinstance(invalid, float):
+        breakpoints = breakpoints.nan_to_num(posinf=0.0)  # invalid zeros give s = 0: harmless
+    clipped, middle = sets(breakpoints)
+    start = torch.where(clipped + breakpoints * middle <= count, breakpoints, 0.0).amax(-1, keepdim=True)
+    # end = inf only when start is the last breakpoint (hi = 1): then every s ≥ start gives all ones, s = start.
     end = torch.where(breakpoints > start, breakpoints, torch.inf).amin(-1, keepdim=True)
-    end = torch.where(end.isfinite(), end, 2 * start)
     # Classify at the middle of the segment, not at its ends: lo/(lo/v) need not round back to v, and tied v
     # would then land on the wrong side.
-    below, above, middle = segment((start + end) / 2)
-    s = (count - lo * below - hi * above) / middle.clamp_min(torch.finfo(v.dtype).tiny)
-    s = torch.where(middle > 0, s, start).clamp(start, end)
+    clipped, middle = sets((start + end) / 2)
+    s = ((count - clipped) / middle.clamp_min(_TINY)).clamp(start, end)
     return (s * v).clamp(lo, hi)
 
 
