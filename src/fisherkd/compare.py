@@ -23,7 +23,7 @@ from rich.table import Table
 
 from fisherkd.config import ConfigError, RunConfig, build_config
 from fisherkd.data import load_splits
-from fisherkd.engine.trainer import _make_progress
+from fisherkd.engine.trainer import make_progress
 from fisherkd.methods.base import method_class
 from fisherkd.plots import plot_comparison
 from fisherkd.run import get_teacher, train
@@ -105,7 +105,7 @@ def run_compare(
     }  # every variant is validated before anything trains
     started = time.perf_counter()
     rows = []
-    with _make_progress() as progress:
+    with make_progress() as progress:
         teacher_record = get_teacher(base, splits, progress)[1] if base.teacher else {}
         for label, seed_configs in configs.items():
             summaries = [train(c, splits=splits, progress=progress) for c in seed_configs]

@@ -169,7 +169,7 @@ class Trainer:
         batches = samples = 0
         started = time.perf_counter()
         own_progress = self._progress is None
-        progress = self._progress or _make_progress()
+        progress = self._progress or make_progress()
         task = progress.add_task(self.label, total=self.total_steps, completed=self.step, info="")
         self.distiller.train()
         with progress if own_progress else contextlib.nullcontext():
@@ -259,7 +259,7 @@ class Trainer:
         self.history = [{k: v for k, v in r.items() if k not in ("step", "split")} for r in tests]
 
 
-def _make_progress() -> Progress:
+def make_progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
