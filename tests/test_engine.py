@@ -1,13 +1,15 @@
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fisherkd.config import ScheduleConfig, TrainConfig, build_config
-from fisherkd.data import ArrayDataset, DataSplits
+from fisherkd.data import ArrayDataset, DataSplits, make_loader
 from fisherkd.distiller import Distiller
 from fisherkd.engine import Trainer, load_checkpoint
-from fisherkd.engine.schedule import lr_factor
+from fisherkd.engine.schedule import lr_factor, lr_factor_tensor
 from fisherkd.run import train
 from fisherkd.tracking import read_metrics
 
@@ -115,6 +117,94 @@ def test_schedules_match_hand_computed_values():
     step = ScheduleConfig(name="step", milestones=[3, 6], gamma=0.1)
     assert [lr_factor(s, 10, 100, step) for s in (29, 30, 59, 60)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
     assert lr_factor(77, 10, 100, ScheduleConfig(name="constant")) == 1.0
+
+
+SCHEDULES = [
+    ScheduleConfig(name="cosine", warmup_epochs=1.5),
+    ScheduleConfig(name="cosine"),
+    ScheduleConfig(name="step", milestones=[2, 4], gamma=0.1, warmup_epochs=1),
+    ScheduleConfig(name="constant", warmup_epochs=0.5),
+]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: f"{s.name}-warmup{s.warmup_epochs}")
+def test_the_device_schedule_matches_the_host_schedule_at_every_step(schedule):
+    # 10 steps per epoch, 60 in all, and a few past the end (cosine stays at zero)
+    got = lr_factor_tensor(torch.arange(70), 10, 60, schedule)
+    expected = torch.tensor([lr_factor(s, 10, 60, schedule) for s in range(70)], dtype=torch.float64)
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", [
+    {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},
+    {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+])
+def test_the_device_learning_rate_trains_as_a_host_scheduler_does(optimizer):
+    # The engine keeps lr on the device and steps fused optimizers with it; the reference is the textbook loop:
+    # a float lr moved by LambdaLR on the host, PyTorch's default (foreach) optimizer, the same batches.
+    splits, schedule = toy_splits(), ScheduleConfig(name="cosine", warmup_epochs=1)
+    config = TrainConfig(epochs=3, batch_size=16, optimizer=optimizer, schedule=schedule, log_every=100)
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(40, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    reference = copy.deepcopy(student)
+    Trainer(Distiller(student, None, ["ce"]), splits, config, device="cpu", seed=3).fit()
+
+    if optimizer["name"] == "sgd":
+        opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 6, 18, schedule))
+    loader = make_loader(splits, "train", 16, shuffle=True, seed=3)
+    for epoch in range(3):
+        for batch in loader.epoch(epoch):
+            opt.zero_grad()
+            F.cross_entropy(reference(batch.x), batch.y).backward()
+            opt.step()
+            scheduler.step()
+    for (name, got), want in zip(student.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(got, want, atol=1e-6), name
+
+
+def test_the_training_step_reads_nothing_on_the_host(monkeypatch):
+    # What a captured step needs: between two log intervals nothing leaves the device (no .item(), no bool of a
+    # tensor), with a schedule, augmentation, a memory-bank method and Fisher weights in the step.
+    splits = toy_splits()
+    teacher = torch.nn.Sequential(torch.nn.Linear(40, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    student = torch.nn.Sequential(torch.nn.Linear(40, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    methods = [
+        {"name": "ce", "weight": 0.1},
+        {"name": "kd", "fisher": {"axis": "sample"}},
+        {"name": "crd", "pairs": [["1", "1"]], "num_data": 96, "nce_k": 32},
+        {"name": "fitnet", "pairs": [["1", "1"]], "fisher": {"axis": "channel", "every": 2}},
+    ]
+    distiller = Distiller(student, teacher, methods, splits.train.x[:2])
+    config = TrainConfig(epochs=2, batch_size=16, log_every=100, eval_every=100, schedule={"warmup_epochs": 1},
+                         augment={"noise": 0.1, "mixup_alpha": 0.5})
+    trainer = Trainer(distiller, splits, config, device="cpu")
+    steps = []
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host read in the training step")
+
+    def guarded(method):
+        def run(*args, **kwargs):  # logging and evaluation may read; the step between them may not
+            monkeypatch.undo()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                steps.append(trainer.step)
+                for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+                    monkeypatch.setattr(torch.Tensor, name, sync)
+        return run
+
+    trainer._log_train = guarded(trainer._log_train)
+    trainer._end_of_epoch = guarded(trainer._end_of_epoch)
+    # the first step may look once at state it keeps on the device from then on (CRD's normaliser)
+    trainer.fit(stop_after_steps=1)
+    guarded(lambda: None)()
+    summary = trainer.fit()
+    monkeypatch.undo()
+    assert summary["steps"] == 12 and steps[-1] == 12
 
 
 def test_too_large_a_batch_is_a_clear_error():

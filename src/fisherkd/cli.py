@@ -82,7 +82,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     raw = yaml.safe_load(path.read_text()) or {}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     output = Path(args.output) if args.output else Path("runs") / f"compare-{path.stem}"
-    run_compare(raw, output, seeds=args.seeds, methods=methods, overrides=args.overrides)
+    run_compare(raw, output, seeds=args.seeds, methods=methods, overrides=args.overrides, resume=args.resume)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", help="comma-separated method names, each compared with scratch")
     compare.add_argument("--seeds", type=int, default=3)
     compare.add_argument("--output", help="default: runs/compare-<config name>")
+    compare.add_argument(
+        "--resume", action="store_true", help="reuse the finished runs in --output and continue interrupted ones"
+    )
     compare.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="distil a 1-D CNN into an MLP on MNIST-1D and compare methods")

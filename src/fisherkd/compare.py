@@ -1,10 +1,12 @@
 """``fisherkd compare``: one teacher, several student recipes, several seeds → a table, a CSV and a plot.
 
-A compare file is a run config plus either ``variants`` (named recipes, each overriding ``methods`` and
-optionally ``train``) or, with ``--methods a,b,c``, one recipe per method: the label loss at the weight the
-method's authors pair it with, plus the method at its default weight. Feature methods take their layer pairs
-from ``compare.feature_pairs`` and relation methods from ``compare.embedding_pairs`` (default: the penultimate
-features, ``head:in``). The teacher is trained once and cached; every row reports mean ± std over seeds.
+A compare file is a run config plus ``variants`` (named recipes, each laid over the base config: ``methods``, a
+``train`` knob, another ``teacher``…) and/or, with ``--methods a,b,c``, one recipe per method: the label loss at the
+weight the method's authors pair it with, plus the method at its default weight (the file's variants then follow
+the methods). Feature methods take their layer pairs from ``compare.feature_pairs`` and relation methods from
+``compare.embedding_pairs`` (default: the penultimate features, ``head:in``). The teacher is trained once and
+cached; every row reports mean ± std over seeds. With ``resume``, a grid that was stopped goes on: finished runs
+are read back, interrupted ones continue from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
@@ -58,7 +62,7 @@ def method_recipe(name: str, options: CompareOptions, num_train: int) -> list[di
     """The label loss plus one method, as its authors combine them, with pairs from the compare options."""
     cls = method_class(name)
     spec: dict[str, Any] = {"name": name, **options.hparams.get(name, {})}
-    if cls.min_pairs:
+    if cls.min_pairs and "pairs" not in spec:  # compare.hparams may give a method its own pairs
         pairs = options.feature_pairs if cls.family == "feature" else options.embedding_pairs
         if not pairs:
             raise ConfigError(f"method {name!r} needs layer pairs: set compare.feature_pairs in the compare file")
@@ -71,13 +75,49 @@ def method_recipe(name: str, options: CompareOptions, num_train: int) -> list[di
 
 def build_variants(raw: dict[str, Any], methods: list[str] | None, num_train: int) -> dict[str, dict[str, Any]]:
     options = CompareOptions(**raw.get("compare", {}))
+    variants: dict[str, dict[str, Any]] = {}
     if methods:
         variants = {"scratch": {"methods": [{"name": "ce"}]}}
         variants |= {m: {"methods": method_recipe(m, options, num_train)} for m in methods if m != "scratch"}
-        return variants
-    if not raw.get("variants"):
+    if clash := sorted(variants.keys() & (raw.get("variants") or {}).keys()):
+        raise ConfigError(f"variants {clash} are also --methods recipes: rename them in the compare file")
+    variants |= raw.get("variants") or {}
+    if not variants:
         raise ConfigError("nothing to compare: give --methods a,b,c or a variants: block in the compare file")
-    return raw["variants"]
+    return variants
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it: mappings merge key by key, anything else is replaced.
+
+    So a variant's ``train: {augment: {mixup_alpha: 1.0}}`` changes only that knob; ``teacher: {name: null,
+    members: [...]}`` swaps the teacher for an ensemble.
+    """
+    out = dict(base)
+    for key, value in override.items():
+        both_mappings = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both_mappings else value
+    return out
+
+
+def train_or_resume(config: RunConfig, runs_dir: Path, splits: Any, progress: Any) -> dict[str, Any]:
+    """The summary of ``runs_dir/<name>``: read if that run finished, continued if it has a checkpoint, else trained.
+
+    A finished run is reused only if it was made from the same config, so a changed recipe is never mixed in.
+    """
+    run_dir = runs_dir / config.name
+    if (run_dir / "config.yaml").exists():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if saved != config.model_dump(mode="json"):
+            raise ConfigError(
+                f"{run_dir} was made from a different config: remove it, or compare into another --output"
+            )
+    if (run_dir / "summary.json").exists():
+        return json.loads((run_dir / "summary.json").read_text())
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return train(config, run_dir=run_dir, resume=True, splits=splits, progress=progress)
+    shutil.rmtree(run_dir, ignore_errors=True)  # stopped before its first checkpoint: start it again
+    return train(config, run_dir=run_dir, splits=splits, progress=progress)
 
 
 def run_compare(
@@ -88,8 +128,12 @@ def run_compare(
     overrides: list[str] | None = None,
     title: str | None = None,
     reference: dict[str, float] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train every variant for ``seeds`` seeds; print the table; write results.{md,csv,json} and comparison.png."""
+    """Train every variant for ``seeds`` seeds; print the table; write results.{md,csv,json} and comparison.png.
+
+    With ``resume``, runs already in ``output_dir/runs`` are reused or continued (see :func:`train_or_resume`).
+    """
     raw = dict(raw)
     base_raw = {k: v for k, v in raw.items() if k not in ("variants", "compare")}
     base_raw["output_dir"] = str(output_dir / "runs")
@@ -98,7 +142,7 @@ def run_compare(
     variants = build_variants(raw, methods, len(splits.train))
     configs = {
         label: [
-            build_config({**base.model_dump(mode="json"), **v, "name": f"{slug(label)}-seed{s}", "seed": s})
+            build_config(merged(base.model_dump(mode="json"), {**v, "name": f"{slug(label)}-seed{s}", "seed": s}))
             for s in range(seeds)
         ]
         for label, v in variants.items()
@@ -108,7 +152,12 @@ def run_compare(
     with make_progress() as progress:
         teacher_record = get_teacher(base, splits, progress)[1] if base.teacher else {}
         for label, seed_configs in configs.items():
-            summaries = [train(c, splits=splits, progress=progress) for c in seed_configs]
+            summaries = [
+                train_or_resume(c, output_dir / "runs", splits, progress)
+                if resume
+                else train(c, splits=splits, progress=progress)
+                for c in seed_configs
+            ]
             rows.append(aggregate(label, seed_configs[0], summaries))
     result = {
         "title": title or default_title(base),
@@ -156,6 +205,14 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return f"{text} ± {fmt.format(row[f'{key}_std'])}" if key == "accuracy" else text
 
 
+def row_label(row: dict[str, Any], result: dict[str, Any]) -> str:
+    """The variant's name, with its own teacher's accuracy when that is not the table's teacher (an ensemble)."""
+    own, shared = row.get("teacher_accuracy"), result["teacher_accuracy"]
+    if own is None or shared is None or abs(100 * own - shared) < 0.05:
+        return row["variant"]
+    return f"{row['variant']} (its teacher: {100 * own:.1f})"
+
+
 def print_table(result: dict[str, Any]) -> None:
     table = Table(title=result["title"])
     table.add_column("student training")
@@ -164,7 +221,7 @@ def print_table(result: dict[str, Any]) -> None:
     if result["teacher_accuracy"] is not None:
         table.add_row("teacher", f"{result['teacher_accuracy']:.1f}", "100.0", "0", "", "", end_section=True)
     for row in result["rows"]:
-        table.add_row(row["variant"], *(cell(row, key, fmt) for key, _, fmt in COLUMNS))
+        table.add_row(row_label(row, result), *(cell(row, key, fmt) for key, _, fmt in COLUMNS))
     console.print(table)
     console.print(f"seeds per row: {result['seeds']}  total: {result['total_seconds']:.0f} s")
 
@@ -176,7 +233,9 @@ def write_results(result: dict[str, Any], output_dir: Path, reference: dict[str,
     lines = [f"| {' | '.join(headers)} |", "|" + "---|" * len(headers)]
     if result["teacher_accuracy"] is not None:
         lines.append(f"| teacher | {result['teacher_accuracy']:.1f} | 100.0 | 0 | | |")
-    lines += [f"| {r['variant']} | " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in result["rows"]]
+    lines += [
+        f"| {row_label(r, result)} | " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in result["rows"]
+    ]
     lines += ["", f"{result['title']}. Mean ± std over {result['seeds']} seeds."]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
     with open(output_dir / "results.csv", "w", newline="") as f:
@@ -188,7 +247,7 @@ def write_results(result: dict[str, Any], output_dir: Path, reference: dict[str,
     if result["teacher_accuracy"] is not None:
         refs = {"teacher": result["teacher_accuracy"], **refs}
     plot_comparison(
-        [r["variant"] for r in result["rows"]],
+        [row_label(r, result) for r in result["rows"]],
         [r["accuracy_mean"] for r in result["rows"]],
         [r["accuracy_std"] for r in result["rows"]],
         output_dir / "comparison.png",

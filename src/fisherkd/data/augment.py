@@ -60,7 +60,8 @@ def mixup(x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
     mixed input, so distillation losses get the exact soft target for it.
     """
     concentration = torch.tensor(float(alpha), device=x.device)  # sampled on the device: no host round trip
-    lam = torch.distributions.Beta(concentration, concentration).sample((x.shape[0],))
+    # alpha > 0 is checked by the config; the distribution's own check would read a tensor on the host
+    lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample((x.shape[0],))
     partner = torch.randperm(x.shape[0], device=x.device)
     shape = (-1, *([1] * (x.dim() - 1)))
     mixed = lam.view(shape) * x + (1 - lam.view(shape)) * x[partner]

@@ -18,7 +18,7 @@ from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
 from fisherkd.distiller import Distiller, model_logits
 from fisherkd.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fisherkd.engine.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
-from fisherkd.engine.schedule import lr_factor
+from fisherkd.engine.schedule import lr_factor, lr_factor_tensor
 from fisherkd.metrics import FidelityMeter
 from fisherkd.tracking import Tracker
 
@@ -39,14 +39,17 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig, lr: float | torch.Tensor) -> torch.optim.Optimizer:
+    """The configured optimizer. A tensor ``lr`` (on the parameters' device) is read by the optimizer step itself,
+    which then needs no host value: the fused kernels of SGD, Adam and AdamW take it on CPU and CUDA."""
     opt = config.optimizer
+    fused = isinstance(lr, torch.Tensor)
     if opt.name == "sgd":
         return torch.optim.SGD(
-            params, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
+            params, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay, fused=fused
         )
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    return cls(params, lr=lr, weight_decay=opt.weight_decay, fused=fused)
 
 
 @torch.no_grad()
@@ -117,11 +120,13 @@ class Trainer:
                 f"{len(splits.train)} training samples: lower one of them"
             )
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.optimizer = make_optimizer(distiller.trainable_parameters(), config)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.steps_per_epoch, self.total_steps, config.schedule)
-        )
+        # The step counter and the learning rate live on the device and are advanced inside the step: no host
+        # value enters it, so it can be captured whole (a CUDA graph) and still follow the schedule.
         self.step = 0
+        self.step_tensor = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.lr = torch.zeros((), device=self.device)
+        self.optimizer = make_optimizer(distiller.trainable_parameters(), config, self.lr)
+        self._set_lr()
         self.best_accuracy = -1.0
         self.history: list[dict[str, Any]] = []
 
@@ -130,7 +135,6 @@ class Trainer:
         return {
             "distiller": self.distiller.student_state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "best_accuracy": self.best_accuracy,
             "rng": rng_state(),
@@ -149,10 +153,22 @@ class Trainer:
             raise RuntimeError(f"checkpoint {str(path)!r} does not fit this model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.step_tensor.fill_(self.step)
+        for group in self.optimizer.param_groups:  # loading replaced the shared rate with the saved copy
+            group["lr"] = self.lr
+        self._set_lr()
         self.best_accuracy = state["best_accuracy"]
         set_rng_state(state["rng"])
+
+    def _set_lr(self) -> None:
+        base = self.config.optimizer.lr
+        schedule = lr_factor_tensor(self.step_tensor, self.steps_per_epoch, self.total_steps, self.config.schedule)
+        self.lr.copy_(base * schedule)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (computed on the host, for logging)."""
+        return self.config.optimizer.lr * lr_factor(step, self.steps_per_epoch, self.total_steps, self.config.schedule)
 
     # -- training ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after_steps: int | None = None) -> dict[str, Any]:
@@ -164,8 +180,7 @@ class Trainer:
             self.load(self.run_dir / "checkpoints" / "last.pt")
             self._drop_rows_after_checkpoint()
         config, accum = self.config, self.config.grad_accum
-        epoch_progress = torch.zeros((), device=self.device)
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}  # device-side, added to in place and zeroed after each log
         batches = samples = 0
         started = time.perf_counter()
         own_progress = self._progress is None
@@ -181,13 +196,15 @@ class Trainer:
                     x, y = augment(batch.x, batch.y, config.augment)
                     if self.channels_last and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    epoch_progress.fill_(self.step / self.steps_per_epoch)
+                    epoch_progress = self.step_tensor / self.steps_per_epoch
                     with autocast(self.device, config.amp):
                         out = self.model(x, y, index=batch.index, epoch=epoch_progress)
                     (out.loss / accum).backward()
-                    for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items()]:
-                        sums[key] = sums.get(key, 0) + value.detach().float()
-                    sums["correct"] = sums.get("correct", 0) + (out.logits.argmax(-1) == y).sum()
+                    correct = ("correct", (out.logits.argmax(-1) == y).sum())
+                    for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items(), correct]:
+                        if key not in sums:
+                            sums[key] = torch.zeros((), device=self.device)
+                        sums[key].add_(value.detach().float())
                     batches += 1
                     samples += len(y)
                     if (i + 1) % accum:
@@ -196,12 +213,15 @@ class Trainer:
                         nn.utils.clip_grad_norm_(self.distiller.trainable_parameters(), config.grad_clip)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    self.step_tensor.add_(1)
+                    self._set_lr()
                     self.distiller.after_optimizer_step()
-                    self.scheduler.step()
                     self.step += 1
                     if self.step % config.log_every == 0 or self.step % self.steps_per_epoch == 0:
                         self._log_train(sums, batches, samples, progress, task)
-                        sums, batches, samples = {}, 0, 0
+                        batches = samples = 0
+                        for total in sums.values():
+                            total.zero_()
                     if stop_after_steps is not None and self.step >= stop_after_steps:
                         self.save("last")
                         return {"stopped_at_step": self.step}
@@ -216,7 +236,7 @@ class Trainer:
         values = dict(zip(sums, totals))
         row = {k: v / batches for k, v in values.items() if k != "correct"}
         row["train_accuracy"] = values["correct"] / samples
-        row["lr"] = self.scheduler.get_last_lr()[0]
+        row["lr"] = self.lr_at(self.step)  # the rate of the next step, as schedulers report it
         if self.tracker is not None:
             self.tracker.log(self.step, row, "train")
         info = f"loss {row['loss']:.4f}  train acc {row['train_accuracy']:.3f}"

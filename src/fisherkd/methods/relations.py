@@ -7,7 +7,7 @@ optimizer is built).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +229,7 @@ class CRD(EmbeddingMethod):
         super().__init__(**hparams)
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z for the student and teacher anchors
+        self._normalizers_checked = False  # whether this module has looked at its buffer since it was made or loaded
 
     def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
         super().setup(student_features, teacher_features)
@@ -255,10 +256,12 @@ class CRD(EmbeddingMethod):
             # copies: backward still needs these negatives after the queue is overwritten in place below
             pos_t, neg_t = e_t.detach(), self.teacher_memory.clone()
             pos_s, neg_s = e_s.detach(), self.student_memory.clone()
-        if self.normalizers[0] < 0:  # first batch: estimate Z once and keep it
-            z_s = Fn.crd_normalizer(e_s, pos_t, neg_t, num_data=h.num_data, temperature=h.temperature)
-            z_t = Fn.crd_normalizer(e_t, pos_s, neg_s, num_data=h.num_data, temperature=h.temperature)
-            self.normalizers.copy_(torch.stack([z_s, z_t]))
+        if not self._normalizers_checked:  # one host read, not one per step (a captured step may have none)
+            if self.normalizers[0] < 0:  # first batch: estimate Z once and keep it
+                z_s = Fn.crd_normalizer(e_s, pos_t, neg_t, num_data=h.num_data, temperature=h.temperature)
+                z_t = Fn.crd_normalizer(e_t, pos_s, neg_s, num_data=h.num_data, temperature=h.temperature)
+                self.normalizers.copy_(torch.stack([z_s, z_t]))
+            self._normalizers_checked = True
         common = {"num_data": h.num_data, "temperature": h.temperature, "sample_weight": inputs.weights.get("sample")}
         loss = Fn.crd_nce(e_s, pos_t, neg_t, normalizer=self.normalizers[0], **common) + Fn.crd_nce(
             e_t, pos_s, neg_s, normalizer=self.normalizers[1], **common
@@ -266,6 +269,10 @@ class CRD(EmbeddingMethod):
         if self.training:
             self._update_memory(e_s.detach(), e_t.detach(), inputs.index)
         return {"crd": loss}
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._normalizers_checked = False  # a checkpoint taken before the first batch holds no Z yet
 
     def _check_index(self, index: Tensor | None, batch: int) -> Tensor:
         if index is None:
