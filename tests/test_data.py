@@ -306,6 +306,18 @@ def test_folder_loader_workers_match_main_process_and_resume(folder: FolderSplit
     assert len(resumed) == 2 and all(torch.equal(a, b) for a, b in zip(resumed, reference[1:]))
 
 
+def test_folder_loader_ranks_take_their_slice_of_each_global_batch(folder: FolderSplits) -> None:
+    """Under DDP each rank decodes its share of the global batch, with the crops and flips one process would draw."""
+    whole = list(make_loader(folder, "train", 4, seed=3, num_workers=0).epoch(1))
+    ranks = [list(make_loader(folder, "train", 4, seed=3, num_workers=0, rank=r, world_size=2).epoch(1))
+             for r in range(2)]
+    assert len(whole) == len(ranks[0]) == len(ranks[1]) == 1  # 6 images, global batch 4, the rest dropped
+    for batch, first, second in zip(whole, *ranks):
+        assert first.index.tolist() == batch.index[0::2].tolist()
+        assert second.index.tolist() == batch.index[1::2].tolist()
+        assert torch.equal(first.x, batch.x[0::2]) and torch.equal(second.x, batch.x[1::2])
+
+
 def test_random_resized_box_stays_inside_with_valid_shape() -> None:
     import random
 

@@ -129,9 +129,12 @@ class _EpochBatchSampler(Sampler[list[tuple[int, str]]]):
     workers need no notice of the epoch change. (It must not refer back to the loader: in a reference cycle the
     workers are only shut down by the garbage collector, which takes seconds.)"""
 
-    def __init__(self, size: int, batch_size: int, num_batches: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self, size: int, batch_size: int, num_batches: int, shuffle: bool, seed: int, rank: int, world_size: int
+    ) -> None:
         self.size, self.batch_size, self.num_batches = size, batch_size, num_batches
         self.shuffle, self.seed = shuffle, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start = 0
 
@@ -142,7 +145,9 @@ class _EpochBatchSampler(Sampler[list[tuple[int, str]]]):
         order = epoch_order(self.size, self.seed, self.epoch, self.shuffle).tolist()
         key = f"{self.seed}:{self.epoch}"
         for b in range(self.start, self.num_batches):
-            yield [(i, key) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            # under DDP every rank walks the same global order and keeps its slice of each global batch
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size][self.rank :: self.world_size]
+            yield [(i, key) for i in batch]
 
 
 class FolderLoader:
@@ -150,7 +155,8 @@ class FolderLoader:
 
     The order of epoch e depends only on (seed, e), as do the crops and flips; ``epoch(e, start=k)`` skips k
     batches without decoding them. Batches are normalised float32 N×3×S×S (channels_last on CUDA). Iterate one
-    epoch at a time: the workers are shared between epochs.
+    epoch at a time: the workers are shared between epochs. With ``world_size`` > 1 each rank decodes only its
+    slice of every global batch of ``batch_size`` samples; a sample's crop and flip do not depend on the rank.
     """
 
     def __init__(
@@ -165,6 +171,8 @@ class FolderLoader:
         prefetch_factor: int = 4,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -181,7 +189,7 @@ class FolderLoader:
         self._num_batches = n // batch_size if self.drop_last else -(-n // batch_size)
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
-        self._sampler = _EpochBatchSampler(n, batch_size, self._num_batches, shuffle, seed)
+        self._sampler = _EpochBatchSampler(n, batch_size, self._num_batches, shuffle, seed, rank, world_size)
         self._loader = DataLoader(
             dataset,
             batch_sampler=self._sampler,
@@ -232,10 +240,13 @@ class FolderSplits:
         seed: int = 0,
         device: torch.device | str = "cpu",
         num_workers: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> FolderLoader:
         dataset = self.train if split == "train" else self.test
         return FolderLoader(
-            dataset, batch_size, shuffle, drop_last, seed, device, num_workers, mean=self.mean, std=self.std
+            dataset, batch_size, shuffle, drop_last, seed, device, num_workers,
+            mean=self.mean, std=self.std, rank=rank, world_size=world_size,
         )
 
 

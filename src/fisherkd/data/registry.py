@@ -66,9 +66,7 @@ def make_loader(
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if isinstance(splits, FolderSplits):
-        if world_size > 1:
-            raise NotImplementedError("image_folder datasets do not shard across DDP ranks yet: run one process")
-        return splits.loader(split, batch_size, shuffle, drop_last, seed, device, num_workers)
+        return splits.loader(split, batch_size, shuffle, drop_last, seed, device, num_workers, rank, world_size)
     data = splits.train if split == "train" else splits.test
     return DeviceLoader(data.to(device), batch_size, shuffle, drop_last, seed, rank, world_size)
 
