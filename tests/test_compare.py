@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fisherkd.cli import main
-from fisherkd.compare import CompareOptions, merged, method_recipe
+from fisherkd.compare import CompareOptions, merged, method_recipe, row_label
 from fisherkd.config import ConfigError
 
 
@@ -32,6 +32,13 @@ def test_variants_merge_mappings_into_the_base_and_replace_everything_else():
         "teacher": {"name": None, "members": [{"name": "t"}]},
     }
     assert base["train"]["augment"] == {"noise": 0.1}  # the base is left as it was
+
+
+def test_a_row_with_its_own_teacher_says_how_good_that_teacher_is():
+    table = {"teacher_accuracy": 91.6}
+    assert row_label({"variant": "kd", "teacher_accuracy": 0.916}, table) == "kd"
+    assert row_label({"variant": "kd, ens", "teacher_accuracy": 0.934}, table) == "kd, ens (its teacher: 93.4)"
+    assert row_label({"variant": "scratch"}, {"teacher_accuracy": None}) == "scratch"
 
 
 def test_compare_cli_writes_table_csv_and_plot(tmp_path, monkeypatch, capsys):

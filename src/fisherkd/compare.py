@@ -23,10 +23,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from fisherkd.config import ConfigError, RunConfig, build_config
-from fisherkd.data import load_splits
+from fisherkd.data import DataSplits, FolderSplits, load_splits
 from fisherkd.engine.trainer import make_progress
 from fisherkd.methods.base import method_class
 from fisherkd.plots import plot_comparison
@@ -100,7 +101,9 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train_or_resume(config: RunConfig, runs_dir: Path, splits: Any, progress: Any) -> dict[str, Any]:
+def train_or_resume(
+    config: RunConfig, runs_dir: Path, splits: DataSplits | FolderSplits, progress: Progress
+) -> dict[str, Any]:
     """The summary of ``runs_dir/<name>``: read if that run finished, continued if it has a checkpoint, else trained.
 
     A finished run is reused only if it was made from the same config, so a changed recipe is never mixed in.
