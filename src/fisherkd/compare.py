@@ -249,6 +249,9 @@ def write_results(result: dict[str, Any], output_dir: Path, reference: dict[str,
     refs = dict(reference or {})
     if result["teacher_accuracy"] is not None:
         refs = {"teacher": result["teacher_accuracy"], **refs}
+    scratch = [r["accuracy_mean"] for r in result["rows"] if r["variant"] == "scratch"]
+    if scratch:  # which rows beat training without a teacher, at a glance
+        refs.setdefault("scratch", scratch[0])
     plot_comparison(
         [row_label(r, result) for r in result["rows"]],
         [r["accuracy_mean"] for r in result["rows"]],

@@ -43,22 +43,25 @@ def plot_comparison(
     stds: Sequence[float],
     path: str | Path,
     reference: dict[str, float] | None = None,
-    ylabel: str = "student test accuracy (%)",
+    xlabel: str = "student test accuracy (%)",
     title: str = "",
 ) -> Path:
-    """Bar chart of mean ± std per variant, with horizontal reference lines (e.g. the teacher)."""
-    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 4.5, 4))
-    bars = ax.bar(labels, means, yerr=stds, capsize=4, color="#4C72B0")
-    ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=3)
+    """Horizontal bars of mean ± std per variant, top to bottom in the given order, with vertical reference lines
+    (e.g. the teacher). Horizontal, so that thirty long variant names stay readable."""
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.6))
+    rows = range(len(labels))
+    bars = ax.barh(rows, means, xerr=stds, capsize=3, color="#4C72B0", height=0.7)
+    ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=4, fontsize=8)
+    ax.set_yticks(rows, labels, fontsize=8)
+    ax.invert_yaxis()  # the first variant (usually scratch) on top
     for i, (name, value) in enumerate((reference or {}).items()):
-        ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=f"{name} {value:.1f}")
+        ax.axvline(value, linestyle="--", color=f"C{i + 1}", label=f"{name} {value:.1f}")
     low = min([m - s for m, s in zip(means, stds)] + list((reference or {}).values()))
     high = max([m + s for m, s in zip(means, stds)] + list((reference or {}).values()))
-    ax.set_ylim(max(0.0, low - 5), min(100.0, high + 4))
-    ax.set(ylabel=ylabel, title=title)
+    ax.set_xlim(max(0.0, low - 5), min(100.0, high + 4))
+    ax.set(xlabel=xlabel, title=title)
     if reference:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
