@@ -25,5 +25,17 @@ def test_method_table_is_generated_from_the_registry():
     assert block == generated_table(), "README method table is stale: run python scripts/update_readme.py"
 
 
+def test_benchmark_tables_are_the_committed_results():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from update_readme import RESULTS_BLOCK, results_block
+
+    blocks = list(RESULTS_BLOCK.finditer(README))
+    assert blocks, "the README shows no accuracy table"
+    for match in blocks:
+        assert match.group(0) == results_block(match.group(1)), (
+            f"README table {match.group(1)!r} differs from benchmarks/results: run python scripts/update_readme.py"
+        )
+
+
 def test_ci_runs_the_readme_test_command():
     assert "make test" in README and "make test" in (ROOT / ".ci" / "run").read_text()
