@@ -62,9 +62,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", help="comma-separated; default: every applicable registered method")
     parser.add_argument("--fresh", action="store_true", help="discard the runs of an earlier attempt")
+    parser.add_argument("--no-variants", action="store_true", help="only the method rows (to split a table)")
     args = parser.parse_args()
     config_file, left_out = TABLES[args.table]
     raw = yaml.safe_load((ROOT / "configs" / config_file).read_text())
+    if args.no_variants:
+        raw.pop("variants", None)
     # ce is every table's scratch row; schemes need a student or teacher of their own, so they are the config's
     # variants (dual_head, ensembles)
     if args.methods:

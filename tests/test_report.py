@@ -7,6 +7,7 @@ from torch import nn
 from fisherkd.config import build_config
 from fisherkd.report import attention_agreement, cka_matrix, class_activation_map, map_agreement, write_report
 from fisherkd.run import train
+from fisherkd.schemes import EnsembleTeacher
 from helpers import TinyCNN, tiny_image_batch
 
 
@@ -50,6 +51,20 @@ def test_cka_of_a_model_with_itself_is_one_on_the_diagonal_and_attention_agrees(
     agreement = attention_agreement(model, model, x)
     assert agreement["iou"] == 1.0 and abs(agreement["cosine"] - 1.0) < 1e-5
     assert agreement["teacher_layer"] == "block2"
+
+
+def test_cka_and_attention_of_an_ensemble_teacher_use_its_members_stages():
+    torch.manual_seed(0)
+    members = [TinyCNN(8).eval().requires_grad_(False) for _ in range(2)]
+    ensemble, (x, _) = EnsembleTeacher(members), tiny_image_batch(32)
+    student = TinyCNN(4)
+    matrix, rows, cols = cka_matrix(ensemble, student, x)
+    assert rows == [f"members.{i}.{stage}" for i in range(2) for stage in ("block1", "block2", "head")]
+    assert matrix.shape == (6, 3) and bool(((matrix > -1e-5) & (matrix < 1 + 1e-5)).all())
+    own, _, _ = cka_matrix(members[1], student, x)  # member 1's rows are member 1 on its own
+    assert torch.allclose(matrix[3:], own, atol=1e-5)
+    agreement = attention_agreement(ensemble, student, x)
+    assert agreement["teacher_layer"] == "members.1.block2" and 0 <= agreement["iou"] <= 1
 
 
 def test_report_writes_pngs_and_markdown(tmp_path, monkeypatch):

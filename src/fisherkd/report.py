@@ -29,7 +29,11 @@ from fisherkd.taps import Taps
 
 
 def stages_of(model: nn.Module) -> list[str]:
-    """A model's stage names: zoo models list them in ``stages``; otherwise its direct children that have weights."""
+    """A model's stage names: zoo models list them in ``stages``; otherwise its direct children that have weights.
+    An ensemble's are its members' stages, as ``members.<i>.<stage>``."""
+    members = getattr(model, "members", None)
+    if isinstance(members, nn.ModuleList):  # the ensemble calls each member: its own children never run as one
+        return [f"members.{i}.{name}" for i, member in enumerate(members) for name in stages_of(member)]
     stages = getattr(model, "stages", None)
     if stages:
         return list(stages)
