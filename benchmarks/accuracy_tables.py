@@ -53,7 +53,8 @@ def source_version() -> str:
         return subprocess.run(["git", *args], cwd=ROOT.parent, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{commit}+changes" if git("status", "--porcelain", "--", "src", "benchmarks") else commit
+    changed = git("status", "--porcelain", "--", "src", "benchmarks/configs", "benchmarks/accuracy_tables.py")
+    return f"{commit}+changes" if changed else commit
 
 
 def main() -> None:
