@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fisherkd.data.augment import AugmentConfig
 from fisherkd.distiller import MethodSpec
-from fisherkd.methods.base import method_class, nearest
+from fisherkd.core import nearest
+from fisherkd.methods.base import method_class
 
 
 class ConfigError(ValueError):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from fisherkd.adapters import make_adapter
+from fisherkd.core import call_model, model_logits
 from fisherkd.fisher.spec import FisherSpec
 from fisherkd.fisher.weighter import FisherBatch, FisherWeighter
 from fisherkd.methods.base import Method, MethodInputs, create, method_class
@@ -58,17 +59,6 @@ def as_spec(item: MethodSpec | Mapping[str, Any] | str) -> MethodSpec:
     return MethodSpec(**item)
 
 
-def model_logits(output: Any) -> Tensor:
-    """Logits from a model output: a tensor, a Transformers ``ModelOutput`` or a tuple whose first item they are."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-
-
 @dataclass
 class DistillOutput:
     """Student logits, teacher logits (None without a teacher), weighted loss terms and their sum, and detached
@@ -80,10 +70,6 @@ class DistillOutput:
     weights: dict[str, float]
     loss: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _call(model: nn.Module, inputs: Tensor | Mapping[str, Tensor]) -> Any:
-    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
 class Distiller(nn.Module):
@@ -223,8 +209,8 @@ class Distiller(nn.Module):
         """Run both models once on example inputs; build adapters, then let each method build its own parts."""
         was_training = self.student.training
         self.student.eval()
-        _call(self.student, example_input)
-        _call(self.teacher, example_input)
+        call_model(self.student, example_input)
+        call_model(self.teacher, example_input)
         self.student.train(was_training)
         device = next(self.student.parameters()).device
         for i, (spec, method) in enumerate(zip(self.specs, self.methods)):
@@ -256,7 +242,7 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def teacher_forward(self, inputs: Tensor | Mapping[str, Tensor]) -> Tensor:
-        return model_logits(_call(self.teacher, inputs))
+        return model_logits(call_model(self.teacher, inputs))
 
     def forward(
         self,
@@ -272,7 +258,7 @@ class Distiller(nn.Module):
             mask = inputs.get("attention_mask")  # Transformers batches carry their padding mask
         teacher_logits = self.teacher_forward(inputs) if self.teacher is not None else None
         fisher_weights, stats = self._fisher_weights(inputs, target, teacher_logits, mask) if self.fisher else ({}, {})
-        student_logits = model_logits(_call(self.student, inputs))
+        student_logits = model_logits(call_model(self.student, inputs))
         losses: dict[str, Tensor] = {}
         used_weights: dict[str, float] = {}
         for i, (spec, method) in enumerate(zip(self.specs, self.methods)):

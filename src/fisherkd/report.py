@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from fisherkd import functional as Fn
 from fisherkd.config import RunConfig
 from fisherkd.data import load_splits, make_loader
-from fisherkd.distiller import model_logits
+from fisherkd.core import model_logits
 from fisherkd.taps import Taps
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from fisherkd.distiller import model_logits
+from fisherkd.core import model_logits
 from fisherkd.engine.checkpoint import load_checkpoint
 
 
@@ -186,7 +186,7 @@ def add_dual_head(student: nn.Module, head: str = "head", inference: Literal["me
     are ``{head}.label`` and ``{head}.distill``. Call it before building the Distiller and the optimizer."""
     modules = dict(student.named_modules())
     if head not in modules or not head:
-        from fisherkd.methods.base import nearest
+        from fisherkd.core import nearest
 
         raise KeyError(f"student has no module {head!r} to use as its head; {nearest(head, [n for n in modules if n])}")
     student.set_submodule(head, DualHead(modules[head], inference))

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import Tensor, nn
 
-from fisherkd.methods.base import nearest
+from fisherkd.core import nearest
 
 INPUT = -1  # the index that stands for a module's input (":in")
 

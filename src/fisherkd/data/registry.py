@@ -15,7 +15,7 @@ from fisherkd.data.fashion_mnist import load_fashion_mnist
 from fisherkd.data.folder import FolderLoader, FolderSplits, load_image_folder
 from fisherkd.data.mnist1d import load_mnist1d
 from fisherkd.data.npz import load_npz
-from fisherkd.methods.base import nearest
+from fisherkd.core import nearest
 
 if TYPE_CHECKING:
     from fisherkd.config import DataConfig

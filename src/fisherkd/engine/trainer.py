@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fisherkd.config import TrainConfig
 from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
-from fisherkd.distiller import Distiller, model_logits
+from fisherkd.core import model_logits
+from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fisherkd.engine.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from fisherkd.engine.schedule import lr_factor, lr_factor_tensor

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fisherkd.functional.features import _channel_axis
-from fisherkd.methods.base import nearest
+from fisherkd.core import model_logits, nearest
 from fisherkd.taps import INPUT, parse_tap
 
 Inputs = Tensor | Mapping[str, Tensor]
@@ -78,8 +78,6 @@ def _labels(logits: Tensor, target: Tensor | None, temperature: float, generator
 
 
 def _call(model: nn.Module, inputs: Inputs, parameters: dict[str, Tensor] | None = None) -> Tensor:
-    from fisherkd.distiller import model_logits  # the Distiller imports this package
-
     args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
     if parameters is None:
         return model_logits(model(*args, **kwargs))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fisherkd.methods.base import nearest
+from fisherkd.core import nearest
 
 Axis = Literal["sample", "class", "channel", "position", "head", "token", "parameter"]
 Estimator = Literal["logit", "linear_head", "sampled", "empirical"]

@@ -31,7 +31,7 @@ from fisherkd.fisher import estimators as E
 from fisherkd.fisher.normalize import normalize, ramp
 from fisherkd.fisher.spec import PER_BATCH_AXES, FisherSpec
 from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
-from fisherkd.methods.base import nearest
+from fisherkd.core import nearest
 
 
 @dataclass

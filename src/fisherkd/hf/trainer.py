@@ -33,7 +33,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
-from fisherkd.distiller import Distiller, MethodSpec, as_spec, model_logits
+from fisherkd.core import model_logits
+from fisherkd.distiller import Distiller, MethodSpec, as_spec
 from fisherkd.hf.layers import check_vocabularies
 from fisherkd.hf.token_losses import DEFAULT_CHUNK_SIZE, token_distillation_loss
 from fisherkd.methods import method_class

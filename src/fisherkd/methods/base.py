@@ -7,13 +7,14 @@ optional importance weights) and returns named, *unweighted* loss terms. It know
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
+
+from fisherkd.core import nearest
 
 Family = Literal["label", "logit", "feature", "relation", "attention", "sequence", "scheme"]
 AdapterKind = Literal["none", "student_to_teacher"]
@@ -100,14 +101,6 @@ def register(name: str):
         return cls
 
     return wrap
-
-
-def nearest(name: str, choices: list[str] | tuple[str, ...] | set[str], n: int = 3) -> str:
-    """A short 'did you mean' phrase listing the closest valid names."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.4)
-    shown = close or sorted(choices)[:8]
-    label = "did you mean" if close else "valid names include"
-    return f"{label}: {', '.join(shown)}"
 
 
 def method_class(name: str) -> type[Method]:

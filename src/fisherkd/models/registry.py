@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from fisherkd.methods.base import nearest
+from fisherkd.core import nearest
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _loaded = False
