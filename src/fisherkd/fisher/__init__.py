@@ -6,17 +6,20 @@
 - :class:`EMAStatistic` — bias-corrected EMA, all-reduced under DDP, saved in checkpoints.
 - :class:`FisherSpec` — the ``fisher:`` block of a method; :class:`FisherWeighter` — the Distiller's module
   that turns it into ``MethodInputs.weights`` every step.
+- :data:`AXES` — one :class:`FisherAxis` record per axis (sample, class, channel, ...): what each one estimates
+  and how; adding an axis is adding a record.
 """
 
+from fisherkd.fisher.axes import AXES, FisherAxis
 from fisherkd.fisher.normalize import normalize, ramp
-from fisherkd.fisher.spec import ESTIMATORS, PER_BATCH_AXES, FisherSpec
+from fisherkd.fisher.spec import FisherSpec
 from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
 from fisherkd.fisher.weighter import FisherBatch, FisherWeighter, weight_stats
 
 __all__ = [
-    "ESTIMATORS",
-    "PER_BATCH_AXES",
+    "AXES",
     "EMAStatistic",
+    "FisherAxis",
     "FisherBatch",
     "FisherSpec",
     "FisherWeighter",

@@ -1,8 +1,13 @@
 """Fisher-information estimators of a frozen teacher: closed forms and one-backward sampled estimates.
 
-All are detached and computed in float32 with autocast off. Notation: z logits, p = softmax(z/τ), h a tapped
-activation, g = ∂ log p(ŷ|x) / ∂h its score. The Fisher information of the teacher's prediction is E_ŷ∼p[g gᵀ];
-its diagonal along an axis says how much a perturbation there changes the teacher's prediction.
+All are detached. The teacher runs in its own dtype (a bf16 teacher stays bf16) with autocast off; the statistics
+(log-likelihoods, squared scores, their sums and means) are accumulated in float32. Padding (``mask``: 1 = a valid
+token) is left out everywhere: per-token log-likelihoods count valid tokens only, and the channel / head / token
+reductions of a B×T×D or B×H×T×T tap sum or average over valid tokens only.
+
+Notation: z logits, p = softmax(z/τ), h a tapped activation, g = ∂ log p(ŷ|x) / ∂h its score. The Fisher
+information of the teacher's prediction is E_ŷ∼p[g gᵀ]; its diagonal along an axis says how much a perturbation
+there changes the teacher's prediction.
 
 - Logits, closed form: F = diag(p) − ppᵀ, per-class diagonal p_c(1 − p_c), per-sample trace 1 − ‖p‖².
 - Input h of a linear head z = Wh + b: F_h = Wᵀ(diag p − ppᵀ)W, diagonal Σ_c p_c W_cj² − (Σ_c p_c W_cj)².
@@ -27,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisherkd.functional.features import _channel_axis
 from fisherkd.core import model_logits, nearest
+from fisherkd.functional.features import _channel_axis
 from fisherkd.taps import INPUT, parse_tap
 
 Inputs = Tensor | Mapping[str, Tensor]
@@ -67,10 +72,24 @@ def sample_labels(logits: Tensor, temperature: float = 1.0, generator: torch.Gen
     return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
 
 
-def _log_likelihood(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """Σ over rows of log softmax(z/τ)[label]."""
+def valid_rows(logits: Tensor, mask: Tensor | None = None, target: Tensor | None = None) -> Tensor | None:
+    """1.0 for the rows of ``logits`` that count in a log-likelihood, 0.0 for padding (``mask`` B×T of per-token
+    logits B×T×C) and ignored labels (``target`` < 0, the -100 of Transformers); None when every row counts. A
+    mask that does not match the rows (B×T tokens, B×C logits of a pooled classifier) does not apply to them."""
+    valid = None
+    if mask is not None and mask.shape == logits.shape[:-1]:
+        valid = mask.to(device=logits.device, dtype=torch.float32)
+    if target is not None and target.shape == logits.shape[:-1]:
+        labelled = (target >= 0).float()
+        valid = labelled if valid is None else valid * labelled
+    return valid
+
+
+def _log_likelihood(logits: Tensor, labels: Tensor, temperature: float, valid: Tensor | None) -> Tensor:
+    """Σ over the valid rows of log softmax(z/τ)[label], in float32."""
     log_p = F.log_softmax(logits.float() / temperature, dim=-1)
-    return log_p.gather(-1, labels.long().unsqueeze(-1)).sum()
+    picked = log_p.gather(-1, labels.long().clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return picked.sum() if valid is None else (picked * valid).sum()
 
 
 def _labels(logits: Tensor, target: Tensor | None, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -91,7 +110,7 @@ def _device_type(model: nn.Module) -> str:
 def _fresh_leaf(x: Tensor, tap: str, leaves: dict[str, Tensor]) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"tap {tap!r}: the Fisher needs a floating-point tensor there, got {type(x).__name__}")
-    leaf = x.detach().float().requires_grad_()
+    leaf = x.detach().requires_grad_()  # in the teacher's dtype: the layers after the tap take it as it was
     leaves[tap] = leaf
     return leaf.clone()  # a non-leaf copy flows on, so in-place layers downstream (ReLU(inplace)) stay legal
 
@@ -116,15 +135,18 @@ def tapped_gradients(
     taps: Sequence[str],
     *,
     target: Tensor | None = None,
+    mask: Tensor | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """(h, g) for each tapped activation h of ``model``: g = ∂ Σ_n log p(ŷ_n|x_n) / ∂h, from one autograd.grad.
+    """(h, g) in float32 for each tapped activation h of ``model``: g = ∂ Σ_n log p(ŷ_n|x_n) / ∂h, from one
+    autograd.grad.
 
     ŷ is drawn from the model's own prediction at temperature τ (true Fisher), or is ``target`` (empirical
-    Fisher). Forward hooks make each tapped tensor a fresh leaf, so the graph starts there: nothing before the
-    first tap is recorded and, with frozen parameters, no weight gradient is computed. Tap names are module
-    names with the ``:k`` / ``:in`` suffixes of :mod:`fisherkd.taps`.
+    Fisher). With per-token logits the sum runs over valid tokens only (``mask``, and labels ≥ 0), so padding
+    sends no score into the valid tokens through attention. Forward hooks make each tapped tensor a fresh leaf, so
+    the graph starts there: nothing before the first tap is recorded and, with frozen parameters, no weight
+    gradient is computed. Tap names are module names with the ``:k`` / ``:in`` suffixes of :mod:`fisherkd.taps`.
     """
     modules = dict(model.named_modules())
     leaves: dict[str, Tensor] = {}
@@ -143,7 +165,7 @@ def tapped_gradients(
             if missing:
                 raise RuntimeError(f"tap {missing[0]!r}: its module did not run in the teacher's forward pass")
             labels = _labels(logits, target, temperature, generator)
-            log_likelihood = _log_likelihood(logits, labels, temperature)
+            log_likelihood = _log_likelihood(logits, labels, temperature, valid_rows(logits, mask, target))
             if log_likelihood.requires_grad:
                 grads = torch.autograd.grad(log_likelihood, [leaves[t] for t in taps], allow_unused=True)
             else:  # no tap is on the path to the logits
@@ -158,19 +180,41 @@ def tapped_gradients(
                 "returns for inspection): tap a tensor the prediction is computed from, such as the attention "
                 "probabilities inside the attention (the zoo ViT's 'blocks.3.attn.probs') or a context output"
             )
-    return [(leaves[tap].detach(), grad) for tap, grad in zip(taps, grads)]
+    return [(leaves[tap].detach().float(), grad.float()) for tap, grad in zip(taps, grads)]
 
 
-def channel_fisher(diagonal: Tensor) -> Tensor:
+def token_mask(like: Tensor, mask: Tensor | None) -> Tensor | None:
+    """The padding mask B×T (1 = valid) as float32 broadcasting over ``like``: B×T×1 for B×T×D token sequences,
+    B×1×T×T (valid query and key) for B×H×T×T attention maps. None without a mask or when ``like`` has no token
+    axis of the mask's length (an image map, a pooled B×D vector)."""
+    if mask is None or mask.dim() != 2 or like.shape[0] != mask.shape[0]:
+        return None
+    m = mask.to(device=like.device, dtype=torch.float32)
+    length = mask.shape[1]
+    if like.dim() == 3 and like.shape[1] == length:
+        return m[:, :, None]
+    if like.dim() == 4 and like.shape[2] == like.shape[3] == length:
+        return m[:, None, :, None] * m[:, None, None, :]
+    return None
+
+
+def channel_fisher(diagonal: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-sample, per-channel Fisher: the mean over positions of an elementwise diagonal Fisher, shape [B, C].
 
     ``diagonal`` is g² of one sampled score (so the result is mean over positions of g_c²) or a closed form laid
     out like the feature. Channels are on axis 1 of B×C×… maps and B×D vectors and last in B×T×D token sequences
-    (one per hidden unit), as in :mod:`fisherkd.functional.features`.
+    (one per hidden unit), as in :mod:`fisherkd.functional.features`. With a padding ``mask`` the mean runs over
+    each sample's valid tokens only.
     """
     axis = _channel_axis(diagonal) % diagonal.dim()
     spatial = [d for d in range(1, diagonal.dim()) if d != axis]
-    return diagonal.float().mean(spatial) if spatial else diagonal.float()
+    if not spatial:
+        return diagonal.float()
+    valid = token_mask(diagonal, mask)
+    if valid is None:
+        return diagonal.float().mean(spatial)
+    count = valid.expand_as(diagonal).sum(spatial).clamp_min(1.0)
+    return (diagonal.float() * valid).sum(spatial) / count
 
 
 def position_fisher(diagonal: Tensor) -> Tensor:
@@ -181,25 +225,28 @@ def position_fisher(diagonal: Tensor) -> Tensor:
     return diagonal.float().sum(_channel_axis(diagonal))
 
 
-def token_fisher(diagonal: Tensor) -> Tensor:
+def token_fisher(diagonal: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-sample, per-token Fisher (shape B×T) from an elementwise diagonal Fisher of B×T×D hidden states (Σ over
-    the hidden units) or of B×H×T×T attention maps (Σ over heads and keys: per query token)."""
+    the hidden units) or of B×H×T×T attention maps (Σ over heads and valid keys: per query token)."""
     if diagonal.dim() == 3:
         return diagonal.float().sum(-1)
     if diagonal.dim() == 4:
-        return diagonal.float().sum((1, 3))
+        valid = token_mask(diagonal, mask)
+        return (diagonal.float() if valid is None else diagonal.float() * valid).sum((1, 3))
     raise ValueError(f"a per-token Fisher needs B×T×D or B×H×T×T, got shape {tuple(diagonal.shape)}")
 
 
-def head_gate_fisher(value: Tensor, grad: Tensor, num_heads: int | None = None) -> Tensor:
+def head_gate_fisher(value: Tensor, grad: Tensor, num_heads: int | None = None, mask: Tensor | None = None) -> Tensor:
     """Per-sample Fisher of a multiplicative gate ξ_h on each attention head, (∂ log p/∂ξ_h)², shape [B, H].
 
     At ξ = 1, ∂ log p/∂ξ_h = Σ_tokens ⟨o_h, ∂ log p/∂o_h⟩ for the head's output o_h. From a B×T×D context
     (heads concatenated on D, ``num_heads`` given) that is the sum over tokens and the head's slice of h·g; from
     B×H×T×T attention probabilities A (which reach the output only through o_h = A_h V_h) the same number is
-    Σ_{q,k} A·∂ log p/∂A, because o_h is linear in A_h.
+    Σ_{q,k} A·∂ log p/∂A, because o_h is linear in A_h. With a padding ``mask`` the sums run over valid tokens.
     """
     product = value.float() * grad.float()
+    valid = token_mask(product, mask)
+    product = product if valid is None else product * valid
     if product.dim() == 4:
         return product.sum((2, 3)).pow(2)
     if product.dim() == 3 and num_heads:
@@ -218,24 +265,31 @@ def parameter_fisher(
     inputs: Inputs,
     names: Sequence[str],
     *,
+    mask: Tensor | None = None,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[Tensor]:
-    """Diagonal parameter Fisher E[(∂ log p(ŷ|x)/∂θ_i)²] of the named parameters, ŷ sampled from the model.
+    """Diagonal parameter Fisher E[(∂ log p(ŷ|x)/∂θ_i)²] of the named parameters, ŷ sampled from the model, in
+    float32.
 
     One backward of Σ_n log p(ŷ_n|x_n) through ``torch.func.functional_call`` with detached copies of the named
-    parameters (the model's own stay frozen); (Σ_n g_n)²/N is unbiased for the per-sample Fisher (see the module
-    docstring). Sampled labels only: with ground-truth labels E[g_n] ≠ 0 and the cross terms would not vanish.
+    parameters (the model's own stay frozen, the copies keep their dtype); (Σ_n g_n)²/N is unbiased for the
+    per-sample Fisher (see the module docstring). With per-token logits n runs over the valid tokens of ``mask``.
+    Sampled labels only: with ground-truth labels E[g_n] ≠ 0 and the cross terms would not vanish.
     """
     own = dict(model.named_parameters())
-    leaves = {name: own[name].detach().float().requires_grad_() for name in names}
+    leaves = {name: own[name].detach().requires_grad_() for name in names}
     with torch.enable_grad(), torch.autocast(_device_type(model), enabled=False):
         logits = _call(model, inputs, leaves).float()
         labels = sample_labels(logits, temperature, generator)
-        log_likelihood = _log_likelihood(logits, labels, temperature)
+        valid = valid_rows(logits, mask)
+        log_likelihood = _log_likelihood(logits, labels, temperature, valid)
         grads = torch.autograd.grad(log_likelihood, list(leaves.values()), allow_unused=True)
-    rows = labels.numel()
-    return [torch.zeros_like(leaf) if g is None else g.pow(2) / rows for leaf, g in zip(leaves.values(), grads)]
+    rows = labels.numel() if valid is None else valid.sum().clamp_min(1.0)
+    return [
+        torch.zeros_like(leaf, dtype=torch.float32) if g is None else g.float().pow(2) / rows
+        for leaf, g in zip(leaves.values(), grads)
+    ]
 
 
 def head_input_layout(per_unit: Tensor, feature_shape: Sequence[int]) -> Tensor:

@@ -3,29 +3,12 @@ the normalization and schedule of the weights."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fisherkd.core import nearest
-
-Axis = Literal["sample", "class", "channel", "position", "head", "token", "parameter"]
-Estimator = Literal["logit", "linear_head", "sampled", "empirical"]
-
-# The estimators each axis accepts; the first is its default.
-ESTIMATORS: dict[str, tuple[str, ...]] = {
-    "sample": ("logit", "linear_head"),
-    "class": ("logit",),
-    "channel": ("sampled", "empirical", "linear_head"),
-    "position": ("sampled", "empirical", "linear_head"),
-    "head": ("sampled", "empirical"),
-    "token": ("sampled", "empirical", "logit"),
-    "parameter": ("sampled",),
-}
-
-# Axes whose weights belong to the samples of the current batch: estimated on the whole batch every step and
-# normalized within it (no EMA, no schedule). The other axes are properties of the teacher: EMA statistics.
-PER_BATCH_AXES = frozenset({"sample", "position", "token"})
+from fisherkd.fisher.axes import AXES
 
 
 class FisherSpec(BaseModel):
@@ -46,8 +29,8 @@ class FisherSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    axis: Axis = Field(description="what to weight: sample, class, channel, position, head, token or parameter")
-    estimator: Estimator | None = Field(None, description="default: logit for sample/class, else sampled")
+    axis: str = Field(description="what to weight: sample, class, channel, position, head, token or parameter")
+    estimator: str | None = Field(None, description="default: logit for sample/class, else sampled")
     tap: str | None = Field(None, description="teacher tap of the activation Fisher; default: the method's first pair")
     head: str | None = Field(None, description="teacher's linear classifier for linear_head; default: its last Linear")
     num_heads: int | None = Field(None, ge=1, description="heads of a B×T×D context tap (head axis)")
@@ -71,9 +54,16 @@ class FisherSpec(BaseModel):
                     raise ValueError(f"fisher: unknown key {key!r}; {nearest(key, list(cls.model_fields))}")
         return data
 
+    @field_validator("axis")
+    @classmethod
+    def _known_axis(cls, axis: str) -> str:
+        if axis not in AXES:
+            raise ValueError(f"fisher: unknown axis {axis!r}; {nearest(axis, list(AXES))}")
+        return axis
+
     @model_validator(mode="after")
     def _consistent(self) -> FisherSpec:
-        allowed = ESTIMATORS[self.axis]
+        allowed = AXES[self.axis].estimators
         if self.estimator is not None and self.estimator not in allowed:
             raise ValueError(
                 f"fisher: axis {self.axis!r} takes the estimators {', '.join(allowed)}, not {self.estimator!r}"
@@ -85,7 +75,7 @@ class FisherSpec(BaseModel):
 
     @property
     def resolved_estimator(self) -> str:
-        return self.estimator or ESTIMATORS[self.axis][0]
+        return self.estimator or AXES[self.axis].estimators[0]
 
     @property
     def active(self) -> bool:

@@ -1,7 +1,8 @@
 """``FisherWeighter``: the importance weights of one method, from the teacher's Fisher information.
 
 The Distiller owns one weighter per method that has a ``fisher:`` block and calls it after the teacher's forward
-pass; the weights go to the method as ``MethodInputs.weights[axis]``. Two kinds of axis:
+pass; the weights go to the method as ``MethodInputs.weights[axis]``. What depends on the axis is in its record in
+:data:`fisherkd.fisher.axes.AXES`. Two kinds of axis:
 
 - per batch (``sample``, ``position``, ``token``): a weight for each sample / position / token of *this* batch,
   estimated on the whole batch every step and normalized within each sample (over the batch for ``sample``).
@@ -27,17 +28,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fisherkd.fisher import estimators as E
-from fisherkd.fisher.normalize import normalize, ramp
-from fisherkd.fisher.spec import PER_BATCH_AXES, FisherSpec
-from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
 from fisherkd.core import nearest
+from fisherkd.fisher import estimators as E
+from fisherkd.fisher.axes import AXES
+from fisherkd.fisher.normalize import normalize, ramp
+from fisherkd.fisher.spec import FisherSpec
+from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
 
 
 @dataclass
 class FisherBatch:
     """What a weighter reads for one batch. ``feature`` is the teacher tensor at the weighter's tap from this
-    batch's forward pass (when the Distiller taps it); ``quiet`` silences the Distiller's own taps while the
+    batch's forward pass (when the Distiller taps it); ``mask`` is the padding mask (B×T, 1 = valid token) of token
+    batches; ``quiet`` silences the Distiller's own taps while the
     weighter runs an extra teacher pass, so that pass cannot overwrite the features the methods will read."""
 
     inputs: Tensor | Mapping[str, Tensor]
@@ -75,17 +78,15 @@ class FisherWeighter(nn.Module):
         super().__init__()
         self.spec, self.label = spec, label
         self.axis, self.estimator = spec.axis, spec.resolved_estimator
+        self.rule = AXES[self.axis]
         self.tap = spec.tap or tap
         self.parameter_names = list(parameter_names)
-        where = f"method {label!r}, fisher axis {self.axis!r}"
-        needs_tap = self.axis not in ("sample", "class", "parameter") and not (
-            self.axis == "token" and self.estimator == "logit"
-        )
-        if needs_tap and self.tap is None:
-            raise ValueError(f"{where}: the {self.estimator} estimator needs a teacher activation: set fisher.tap")
-        if self.axis == "parameter" and not self.parameter_names:
-            raise ValueError(f"{where}: no teacher parameters to weight")
-        self.statistic = None if self.axis in PER_BATCH_AXES else EMAStatistic(spec.ema)
+        self.where = f"method {label!r}, fisher axis {self.axis!r}"
+        if self.estimator in self.rule.needs_tap and self.tap is None:
+            raise ValueError(f"{self.where}: the {self.estimator} estimator needs a teacher activation: set fisher.tap")
+        if self.rule.needs_parameters and not self.parameter_names:
+            raise ValueError(f"{self.where}: no teacher parameters to weight")
+        self.statistic = None if self.rule.per_batch else EMAStatistic(spec.ema)
         self.step = 0  # optimizer steps seen, advanced by after_optimizer_step
         self._last_update = -1
         self._generator: torch.Generator | None = None
@@ -102,9 +103,9 @@ class FisherWeighter(nn.Module):
             return None, {}
         lam = ramp(self.step, self.spec.lam, self.spec.warmup_steps)
         if self.statistic is None:
-            importance, mask = self._per_batch_importance(batch)
-            # Samples share one normalization over the batch; positions and tokens one per sample.
-            rows = (lambda t: t.reshape(1, -1)) if self.axis == "sample" else (lambda t: t.flatten(1))
+            importance, mask = self.rule.importance(_Estimate(self, batch, batch.teacher_logits.shape[0]))
+            # one normalization per sample (positions, tokens) or one over the whole batch (samples)
+            rows = (lambda t: t.flatten(1)) if self.rule.within_sample else (lambda t: t.reshape(1, -1))
             weights = self._normalize(rows(importance), lam, None if mask is None else rows(mask))
             weights = weights.view(importance.shape)
             self.last_weights = weights.detach()
@@ -129,49 +130,14 @@ class FisherWeighter(nn.Module):
         return not frozen and self.step % self.spec.every == 0 and self._last_update != self.step
 
     # -- estimation --------------------------------------------------------------------------------------------
-    def _per_batch_importance(self, batch: FisherBatch) -> tuple[Tensor, Tensor | None]:
-        """Raw importances (one per sample, or per token of B×T×C logits; a map per sample) and their mask."""
-        logits, tau = batch.teacher_logits, self.spec.temperature
-        if self.axis == "sample":
-            if self.estimator == "logit":
-                raw = E.logit_fisher_trace(logits, tau)
-            else:
-                raw = E.linear_head_fisher(logits, self._head_weight(batch), tau).sum(-1)
-            return raw, batch.mask if batch.mask is not None and batch.mask.shape == raw.shape else None
-        if self.axis == "token" and self.estimator == "logit":
-            if logits.dim() != 3:
-                raise ValueError(
-                    f"method {self.label!r}: token weights from the logit Fisher need per-token logits B×T×C, got "
-                    f"{tuple(logits.shape)}; use fisher.estimator: sampled with a tap on the tokens"
-                )
-            return E.logit_fisher_trace(logits, tau), batch.mask
-        diagonal = self._elementwise(batch, logits.shape[0])
-        if self.axis == "token":
-            return E.token_fisher(diagonal), batch.mask
-        return E.position_fisher(diagonal), None
-
     def _update(self, batch: FisherBatch) -> None:
         """One EMA update from the first ⌈fraction·B⌉ samples of the batch."""
-        logits = batch.teacher_logits
-        rows = max(1, math.ceil(self.spec.fraction * logits.shape[0]))
-        if self.axis == "class":
-            per_row = E.logit_fisher_diagonal(logits[:rows], self.spec.temperature).reshape(-1, logits.shape[-1])
-            total, count = per_row.sum(0), per_row.shape[0]
-        elif self.axis == "channel":
-            total, count = E.channel_fisher(self._elementwise(batch, rows)).sum(0), rows
-        elif self.axis == "head":
-            value, grad = self._scores(batch, rows)
-            total, count = E.head_gate_fisher(value, grad, self.spec.num_heads).sum(0), rows
-        else:  # parameter
-            with batch.quiet():
-                fisher = E.parameter_fisher(
-                    batch.teacher,
-                    _first_rows(batch.inputs, rows),
-                    self.parameter_names,
-                    temperature=self.spec.temperature,
-                    generator=self._rng(logits.device),
-                )
-            total, count = torch.cat([f.flatten() for f in fisher]) * rows, rows
+        rows = max(1, math.ceil(self.spec.fraction * batch.teacher_logits.shape[0]))
+        value, weight = self.rule.importance(_Estimate(self, batch, rows))
+        if weight is None:
+            total, count = value.sum(0), value.shape[0]
+        else:  # a weighted mean over the rows (padding tokens weigh 0)
+            total, count = (value * weight.reshape(-1, *[1] * (value.dim() - 1))).sum(0), weight.sum()
         self.statistic.update(all_reduce_mean(total, count))
         self._last_update = self.step
 
@@ -198,10 +164,22 @@ class FisherWeighter(nn.Module):
                 _first_rows(batch.inputs, rows),
                 [self.tap],
                 target=target,
+                mask=None if batch.mask is None else batch.mask[:rows],
                 temperature=self.spec.temperature,
                 generator=self._rng(batch.teacher_logits.device),
             )
         return value, grad
+
+    def _parameter_fisher(self, batch: FisherBatch, rows: int) -> list[Tensor]:
+        with batch.quiet():
+            return E.parameter_fisher(
+                batch.teacher,
+                _first_rows(batch.inputs, rows),
+                self.parameter_names,
+                mask=None if batch.mask is None else batch.mask[:rows],
+                temperature=self.spec.temperature,
+                generator=self._rng(batch.teacher_logits.device),
+            )
 
     def _head_weight(self, batch: FisherBatch) -> Tensor:
         modules = dict(batch.teacher.named_modules())
@@ -248,10 +226,56 @@ class FisherWeighter(nn.Module):
 
     def heatmap(self) -> Tensor | None:
         """The current weights to draw: per class / channel / head, or the batch-mean position map."""
-        if self.last_weights is None or self.axis in ("sample", "token", "parameter"):
+        if self.last_weights is None or self.rule.heatmap is None:
             return None
-        return self.last_weights.mean(0) if self.axis == "position" else self.last_weights
+        return self.rule.heatmap(self.last_weights)
 
     def extra_repr(self) -> str:
         s = self.spec
         return f"axis={self.axis}, estimator={self.estimator}, tap={self.tap}, gamma={s.gamma}, lam={s.lam}"
+
+
+@dataclass
+class _Estimate:
+    """The teacher's Fisher on the first ``rows`` samples of ``batch``, computed on demand: what an axis's
+    ``importance`` reads (:class:`fisherkd.fisher.axes.Estimate`)."""
+
+    weighter: FisherWeighter
+    batch: FisherBatch
+    rows: int
+
+    @property
+    def where(self) -> str:
+        return self.weighter.where
+
+    @property
+    def estimator(self) -> str:
+        return self.weighter.estimator
+
+    @property
+    def temperature(self) -> float:
+        return self.weighter.spec.temperature
+
+    @property
+    def num_heads(self) -> int | None:
+        return self.weighter.spec.num_heads
+
+    @property
+    def logits(self) -> Tensor:
+        return self.batch.teacher_logits[: self.rows]
+
+    @property
+    def mask(self) -> Tensor | None:
+        return None if self.batch.mask is None else self.batch.mask[: self.rows]
+
+    def head_weight(self) -> Tensor:
+        return self.weighter._head_weight(self.batch)
+
+    def scores(self) -> tuple[Tensor, Tensor]:
+        return self.weighter._scores(self.batch, self.rows)
+
+    def elementwise(self) -> Tensor:
+        return self.weighter._elementwise(self.batch, self.rows)
+
+    def parameters(self) -> list[Tensor]:
+        return self.weighter._parameter_fisher(self.batch, self.rows)
