@@ -50,12 +50,14 @@ def assert_trains(
     spec = {"weight": 1.0, **spec}
     distiller = Distiller(student, teacher, [spec], example_input=inputs[:2])
     optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=lr)
+    distiller.clock.configure(steps_per_epoch=steps)  # the loop is one epoch
     losses = []
     for _ in range(steps):
         out = distiller(inputs, target)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
+        distiller.after_optimizer_step()
         losses.append(out.loss.item())
     assert all(torch.isfinite(torch.tensor(losses))), f"{spec['name']}: non-finite loss {losses}"
     assert losses[-1] < losses[0], f"{spec['name']}: loss did not decrease: {losses[0]:.4g} -> {losses[-1]:.4g}"

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 
 from fisherkd.adapters import make_adapter
 from fisherkd.core import call_model, model_logits
+from fisherkd.fisher.axes import AXES
 from fisherkd.fisher.spec import FisherSpec
 from fisherkd.fisher.weighter import FisherBatch, FisherWeighter
 from fisherkd.methods.base import Method, MethodInputs, create, method_class
+from fisherkd.step import AfterStep, StepClock
 from fisherkd.taps import Taps
 
 
@@ -79,11 +81,20 @@ class Distiller(nn.Module):
     called with. Adapters are built from the shapes seen on ``example_input`` (needed only when a method asks
     for adapters); they belong to the distiller and are saved and trained with the student.
 
+    Methods with a warm-up or curriculum (``dkd``, ``ctkd``, ``reviewkd``) read the fractional epoch from the
+    distiller's :class:`~fisherkd.step.StepClock`: tell it the epoch length once and call
+    :meth:`after_optimizer_step` after every optimizer step (the engine and ``DistillationTrainer`` do both).
+
     Example::
 
         distiller = Distiller(student, teacher, [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}])
-        out = distiller(x, y)
-        out.loss.backward()
+        distiller.clock.configure(steps_per_epoch=len(loader))
+        for x, y in loader:
+            out = distiller(x, y)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            distiller.after_optimizer_step()
     """
 
     def __init__(
@@ -113,6 +124,11 @@ class Distiller(nn.Module):
                     f"method {spec.name!r} needs at least {method.min_pairs} layer pair(s): "
                     "add pairs: [[student_module, teacher_module]] to its spec"
                 )
+            if method.max_pairs is not None and len(spec.pairs) > method.max_pairs:
+                raise ValueError(
+                    f"method {spec.name!r} takes at most {method.max_pairs} layer pair(s), got {len(spec.pairs)}: "
+                    "give each pair its own method entry"
+                )
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -134,6 +150,7 @@ class Distiller(nn.Module):
                 )
             self._build_from_example(example_input)
         self.fisher = self._build_fisher()
+        self.clock = StepClock().to(next(student.parameters()).device)
 
     def _build_fisher(self) -> nn.ModuleDict:
         """One :class:`FisherWeighter` per method with a fisher block, keyed by the method's term name."""
@@ -146,7 +163,7 @@ class Distiller(nn.Module):
             if self.teacher is None:
                 raise ValueError(f"method {spec.name!r}: Fisher weights come from a teacher, but teacher=None")
             layers = {t for _, t in spec.pairs}
-            if fisher.axis in ("channel", "position") and len(layers) > 1:
+            if AXES[fisher.axis].one_layer and len(layers) > 1:
                 raise ValueError(
                     f"method {spec.name!r}: {fisher.axis} weights belong to one teacher layer, but its pairs tap "
                     f"{sorted(layers)}: give each pair its own method entry (and fisher block)"
@@ -251,11 +268,16 @@ class Distiller(nn.Module):
         *,
         mask: Tensor | None = None,
         index: Tensor | None = None,
-        epoch: Tensor | float = 0.0,
+        epoch: Tensor | float | None = None,
         weights: Mapping[str, Tensor] | None = None,
     ) -> DistillOutput:
+        """Losses for one batch. ``index`` holds the samples' dataset indices (CRD's memory bank); ``epoch``
+        overrides the clock's fractional epoch (tests, or a loop that keeps its own); ``weights`` are extra
+        importance weights by axis, merged under the Fisher weights."""
         if mask is None and isinstance(inputs, Mapping):
             mask = inputs.get("attention_mask")  # Transformers batches carry their padding mask
+        if epoch is None:
+            epoch = self._epoch()
         teacher_logits = self.teacher_forward(inputs) if self.teacher is not None else None
         fisher_weights, stats = self._fisher_weights(inputs, target, teacher_logits, mask) if self.fisher else ({}, {})
         student_logits = model_logits(call_model(self.student, inputs))
@@ -281,6 +303,8 @@ class Distiller(nn.Module):
                     index=index,
                     epoch=epoch,
                     weights={**(weights or {}), **fisher_weights.get(self.term_names[i], {})},
+                    step=self.clock.step,
+                    batch=inputs,
                 )
             )
             weight = self.loss_weights[i]
@@ -294,11 +318,36 @@ class Distiller(nn.Module):
         total = torch.stack([v.float() for v in losses.values()]).sum()
         return DistillOutput(student_logits, teacher_logits, losses, used_weights, total, stats)
 
+    def inference_model(self) -> nn.Module:
+        """What predicts after training: the student, or the module a method builds around it (see
+        :meth:`Method.inference_model`). Evaluation and export use this."""
+        built = []
+        for i, (spec, method) in enumerate(zip(self.specs, self.methods)):
+            adapters = [self.adapters[k] if (k := self.adapter_key(i, j)) in self.adapters else None
+                        for j in range(len(spec.pairs))]
+            model = method.inference_model(self.student, self.teacher, list(spec.pairs), adapters)
+            if model is not None:
+                built.append((spec.name, model))
+        if len(built) > 1:
+            raise ValueError(f"methods {[n for n, _ in built]} each replace the student's head: keep one of them")
+        return built[0][1] if built else self.student
+
+    def _epoch(self) -> Tensor | float:
+        if self.training and self.clock.steps_per_epoch is None:
+            warming = [spec.name for spec, m in zip(self.specs, self.methods) if m.reads_epoch]
+            if warming:
+                raise ValueError(
+                    f"method {warming[0]!r} follows the epoch (a warm-up or curriculum), but the distiller does not "
+                    "know the epoch length: call distiller.clock.configure(steps_per_epoch=len(loader)) before "
+                    "training and distiller.after_optimizer_step() after each optimizer step"
+                )
+        return self.clock.epoch()
+
     def after_optimizer_step(self) -> None:
-        """Called by the engine after every optimizer step; methods with state between steps (e.g. an EMA
-        teacher or Fisher statistics) update it in their ``after_optimizer_step``."""
-        for module in [*self.methods, *self.fisher.values(), self.teacher]:
-            if hasattr(module, "after_optimizer_step"):
+        """Call after every optimizer step (the engine and DistillationTrainer do): advances the clock, then every
+        part with state between steps (Fisher statistics, an EMA teacher, memory banks)."""
+        for module in [self.clock, *self.methods, *self.fisher.values(), self.teacher]:
+            if isinstance(module, AfterStep):
                 module.after_optimizer_step()
 
     def close(self) -> None:

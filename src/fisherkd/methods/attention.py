@@ -46,6 +46,7 @@ class TinyBERT(Method):
     adapter = "student_to_teacher"
     weight_axes = ("head", "token")
     min_pairs = 1
+    pair_kinds = ("token", "attention")
 
     class Params(Hyperparameters):
         pass
@@ -95,6 +96,7 @@ class MiniLM(Method):
     family = "attention"
     paper = "Wang et al. NeurIPS 2020, arXiv:2002.10957; MiniLMv2, Findings of ACL 2021, arXiv:2012.15828"
     min_pairs = 1
+    pair_kinds = ("attention", "token")
     weight_axes = ("head", "token")
 
     class Params(Hyperparameters):

@@ -18,6 +18,9 @@ from fisherkd.core import nearest
 
 Family = Literal["label", "logit", "feature", "relation", "attention", "sequence", "scheme"]
 AdapterKind = Literal["none", "student_to_teacher"]
+# What a method's layer pairs may tap: B×C×H×W maps, B×D vectors, B×T×D token states, B×H×T×T attention
+# probabilities, or the logits of a head.
+PairKind = Literal["map", "vector", "token", "attention", "logits"]
 
 
 class Hyperparameters(BaseModel):
@@ -33,6 +36,12 @@ class MethodInputs:
     ``student_features[j]`` and ``teacher_features[j]`` are the tensors of the method's j-th tapped layer pair;
     the student side has already passed through its adapter when the method asks for one. ``weights`` holds
     importance weights by axis name ("sample", "class", "channel", ...), each with mean 1.
+
+    Where training is comes from the Distiller's :class:`~fisherkd.step.StepClock`, the same under every
+    front-end: ``epoch`` (fractional, a device scalar), ``step`` (optimizer steps taken), ``index`` (dataset
+    indices of the samples, where the loader gives them) and ``batch`` (the whole input the models saw: a tensor,
+    or a Transformers batch dict with every column the collator produced). A method that needs something new per
+    step reads it from these; nothing else has to change.
     """
 
     student_logits: Tensor
@@ -44,6 +53,8 @@ class MethodInputs:
     index: Tensor | None = None
     epoch: Tensor | float = 0.0
     weights: Mapping[str, Tensor] = field(default_factory=dict)
+    step: Tensor | None = None
+    batch: Tensor | Mapping[str, Tensor] | None = None
 
 
 class Method(nn.Module):
@@ -58,6 +69,9 @@ class Method(nn.Module):
     needs_teacher: ClassVar[bool] = True
     needs_target: ClassVar[bool] = False
     min_pairs: ClassVar[int] = 0
+    max_pairs: ClassVar[int | None] = None
+    pair_kinds: ClassVar[tuple[PairKind, ...]] = ()  # what its layer pairs may be (empty: none)
+    same_architecture: ClassVar[bool] = False  # compares parameters: the student must have the teacher's layout
     Params: ClassVar[type[Hyperparameters]] = Hyperparameters
     # Axes of MethodInputs.weights the loss reads, i.e. what a ``fisher:`` block may weight ("sample", "class",
     # "channel", "position", "head", "token", "parameter"); default_fisher is the block used when none is given.
@@ -78,6 +92,18 @@ class Method(nn.Module):
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once by the Distiller with its models, for the rare method that reads parameters rather than
         outputs (``fisher_param``). Keep plain references: registering the models here would save them twice."""
+
+    def inference_model(self, student: nn.Module, teacher: nn.Module | None, pairs: list[tuple[str, str]],
+                        adapters: list[nn.Module | None]) -> nn.Module | None:
+        """The model that predicts after training when this method replaces the student's own head (SimKD: the
+        student's feature through the learned projector into the teacher's classifier), built from the method's
+        layer ``pairs`` and their ``adapters`` (None where a pair has none). None keeps the student."""
+        return None
+
+    @property
+    def reads_epoch(self) -> bool:
+        """Whether the loss follows the epoch (a warm-up or curriculum): the Distiller then needs the epoch length."""
+        return False
 
     def wants_adapter(self, student_feature: Tensor, teacher_feature: Tensor) -> bool:
         """Whether this pair's student tensor passes through a learned adapter (asked once, on example shapes)."""
@@ -137,6 +163,7 @@ def describe(name: str) -> dict[str, Any]:
         "default_weight": cls.default_weight,
         "label_weight": cls.label_weight,
         "fisher_axes": list(cls.weight_axes),
+        "pairs": list(cls.pair_kinds),
         "defaults": defaults,
     }
 

@@ -1,4 +1,4 @@
-"""Methods of the training schemes of :mod:`fisherkd.schemes` (the schemes themselves are modules, not losses)."""
+"""The dual-head scheme's loss (the scheme itself, `fisherkd.schemes.add_dual_head`, is a module, not a loss)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class DualHeadKD(Method):
     paper = "Yang et al. 2024, arXiv:2411.08937"
     default_weight = 1.0
     min_pairs = 1
+    pair_kinds = ("logits",)
     weight_axes = ("sample",)
 
     class Params(Hyperparameters):

@@ -70,6 +70,7 @@ class FitNet(Method):
     weight_axes = ("sample", "channel", "position")
     adapter = "student_to_teacher"
     min_pairs = 1
+    pair_kinds = ("map", "vector", "token")
 
     class Params(Hyperparameters):
         pass
@@ -98,6 +99,7 @@ class AT(Method):
     default_weight = 1000.0
     weight_axes = ("sample", "channel", "position")
     min_pairs = 1
+    pair_kinds = ("map",)
 
     class Params(Hyperparameters):
         p: float = 2.0
@@ -132,6 +134,7 @@ class VID(Method):
     default_weight = 1.0
     weight_axes = ("sample", "channel")
     min_pairs = 1
+    pair_kinds = ("map", "vector", "token")
 
     class Params(Hyperparameters):
         init_variance: float = 5.0
@@ -221,6 +224,11 @@ class ReviewKD(Method):
     default_weight = 5.0
     weight_axes = ("sample",)
     min_pairs = 1
+    pair_kinds = ("map",)
+
+    @property
+    def reads_epoch(self) -> bool:
+        return self.hparams.warmup_epochs > 0
 
     class Params(Hyperparameters):
         levels: tuple[PositiveInt, ...] = (4, 2, 1)
@@ -250,5 +258,8 @@ class ReviewKD(Method):
         fused.reverse()
         loss = Fn.hcl(fused, teachers, self.hparams.levels, sample_weight=inputs.weights.get("sample"))
         warmup = self.hparams.warmup_epochs
-        ramp = min(1.0, float(inputs.epoch) / warmup) if warmup > 0 else 1.0
+        if warmup <= 0:
+            return {"reviewkd": loss}
+        # a tensor ramp: the epoch is a device scalar, and reading it on the host would sync every step
+        ramp = (torch.as_tensor(inputs.epoch, dtype=loss.dtype, device=loss.device) / warmup).clamp(0, 1)
         return {"reviewkd": loss * ramp}

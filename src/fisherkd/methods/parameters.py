@@ -25,6 +25,7 @@ class FisherParam(Method):
     """
 
     family = "feature"
+    same_architecture = True
     paper = "Kirkpatrick et al. PNAS 2017, arXiv:1612.00796 (the EWC penalty, toward a teacher)"
     default_weight = 1.0
     weight_axes = ("parameter",)
