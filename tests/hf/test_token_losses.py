@@ -9,16 +9,18 @@ from torch import Tensor
 
 import fisherkd.functional as F
 from fisherkd.hf import DIVERGENCES, token_distillation_loss
+from fisherkd.hf.token_losses import CHUNK_BYTES, chunk_rows
 
-# (divergence, beta, alpha): both ends of every mixture weight, where the closed-form gradients skip terms
+# (divergence, beta, alpha): both ends of every skew weight, where the closed-form gradients skip terms, and JSD
+# close to its ends (β ∈ {0, 1} is refused, see test_jsd_is_trl_generalized_jsd_per_token)
 CASES = [
     ("forward_kl", 0.5, 0.1),
     ("reverse_kl", 0.5, 0.1),
     ("tvd", 0.5, 0.1),
     ("jsd", 0.5, 0.1),
-    ("jsd", 0.0, 0.1),
+    ("jsd", 1e-3, 0.1),
     ("jsd", 0.3, 0.1),
-    ("jsd", 1.0, 0.1),
+    ("jsd", 1 - 1e-3, 0.1),
     ("skew_kl", 0.5, 0.1),
     ("skew_kl", 0.5, 0.0),
     ("skew_kl", 0.5, 1.0),
@@ -201,12 +203,15 @@ def test_input_checks():
         token_distillation_loss(zs, zt, labels, "kl")
     with pytest.raises(ValueError, match="beta"):
         token_distillation_loss(zs, zt, labels, "jsd", beta=1.5)
+    with pytest.raises(ValueError, match=r"did you mean: forward_kl"):
+        token_distillation_loss(zs, zt, labels, "forward-kl")
     with pytest.raises(ValueError, match="labels"):
         token_distillation_loss(zs, zt, labels[:, 1:])
     with pytest.raises(ValueError, match="token_weight"):
         token_distillation_loss(zs, zt, labels, token_weight=torch.ones(3))
-    with pytest.raises(ValueError, match="chunk_size"):
-        token_distillation_loss(zs, zt, labels, chunk_size=0)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive number of tokens"):
+            token_distillation_loss(zs, zt, labels, chunk_size=bad)
 
 
 def test_tiny_gpt2_distillation_trains():
@@ -238,3 +243,55 @@ def test_tiny_gpt2_distillation_trains():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def trl_jsd_per_token(zs: Tensor, zt: Tensor, labels: Tensor, beta: float, tau: float) -> Tensor:
+    """TRL's generalized_jsd_loss written out with torch's own kl_div (F.kl_div(log M, log p) = KL(p ‖ M)),
+    masked and shifted as Hugging Face, mean over the valid tokens."""
+    valid = torch.zeros_like(labels, dtype=torch.bool)
+    valid[:, :-1] = labels[:, 1:] != -100
+    log_s = torch.log_softmax(zs[valid] / tau, -1)
+    log_t = torch.log_softmax(zt[valid] / tau, -1)
+    beta_t = torch.tensor(beta, dtype=log_s.dtype)
+    log_m = torch.logsumexp(torch.stack([log_s + torch.log1p(-beta_t), log_t + torch.log(beta_t)]), dim=0)
+    kl_teacher = torch.nn.functional.kl_div(log_m, log_t, reduction="none", log_target=True).sum(-1)
+    kl_student = torch.nn.functional.kl_div(log_m, log_s, reduction="none", log_target=True).sum(-1)
+    return (beta * kl_teacher + (1 - beta) * kl_student).mean()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_is_trl_generalized_jsd_per_token(beta):
+    zs, zt, labels = make()
+    ours = value_and_grad(lambda: token_distillation_loss(zs, zt, labels, "jsd", 2.0, beta=beta, chunk_size=5), zs)
+    ref = value_and_grad(lambda: trl_jsd_per_token(zs, zt, labels, beta, 2.0), zs)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_end_points_name_the_kl_to_use(beta):
+    zs, zt, labels = make()
+    with pytest.raises(ValueError, match=r"0 < beta < 1.*'forward_kl'.*'reverse_kl'"):
+        token_distillation_loss(zs, zt, labels, "jsd", beta=beta)
+
+
+def test_default_chunks_are_sized_in_bytes(monkeypatch):
+    # 8 MiB of fp32 per [chunk × V] work tensor whatever V (not 256 tokens: 31 MiB at V = 32,000, which glibc keeps
+    # on its heap after freeing, see benchmarks/token_loss_memory.py)
+    for vocab in (13, 32000, 50257, 256000):
+        tokens = chunk_rows(None, vocab)
+        assert tokens * vocab * 4 <= CHUNK_BYTES < (tokens + 1) * vocab * 4
+    assert chunk_rows(None, 32000) == 65 and chunk_rows(None, 10**7) == 1 and chunk_rows(7, 32000) == 7
+    # the loss uses that default: with a budget of 5 tokens × 13 classes, one divergence call per 5 tokens
+    import fisherkd.hf.token_losses as module
+
+    monkeypatch.setattr(module, "CHUNK_BYTES", 5 * 13 * 4)
+    calls = []
+    divergence_and_h = module.divergence_and_h
+    monkeypatch.setattr(
+        module, "divergence_and_h", lambda *a, **k: calls.append(a[0].shape[0]) or divergence_and_h(*a, **k)
+    )
+    zs, zt, labels = make(v=13)
+    token_distillation_loss(zs, zt, labels, "reverse_kl").backward()
+    count = int((labels[:, 1:] != -100).sum())
+    assert calls == [5] * (count // 5) + ([count % 5] if count % 5 else [])

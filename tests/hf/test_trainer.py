@@ -297,3 +297,78 @@ def test_lora_student(tmp_path):
     named = dict(student.named_parameters())
     assert any(not torch.equal(v, named[n]) for n, v in lora.items())
     assert all(torch.equal(v, named[n]) for n, v in frozen.items())
+
+
+def first_log(tmp_path, batch_size: int, accumulation: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(layers=1, hidden=8),
+        teacher_model=tiny_gpt2(layers=2),
+        distillation=causal_config(),
+        args=arguments(
+            tmp_path, max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation
+        ),
+        train_dataset=text_examples(4, causal=True, pad=False),
+    )
+    trainer.train()
+    return trainer.state.log_history[0]
+
+
+def test_logged_token_terms_are_the_mean_over_the_accumulated_batch(tmp_path):
+    # the same 4 sequences as one batch or as 2 accumulated micro-batches of 2: the same step, the same logs
+    # (each term was logged at 1/accumulation of its value before)
+    one = first_log(tmp_path / "one", batch_size=4, accumulation=1)
+    two = first_log(tmp_path / "two", batch_size=2, accumulation=2)
+    for name in ("loss", "distill/token", "distill/label", "distill/minilm_attention"):
+        assert math.isclose(one[name], two[name], rel_tol=1e-5), (name, one[name], two[name])
+    # the logged terms are the parts of the logged loss
+    parts = one["distill/token"] + one["distill/label"] + one["distill/minilm_attention"]
+    assert math.isclose(one["loss"], parts, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            dict(token_loss={"divergence": "forward-kl"}),
+            r"divergence 'forward-kl' is unknown; did you mean: forward_kl",
+        ),
+        (dict(token_loss={"temprature": 2.0}), r"token_loss has no field 'temprature'; did you mean: temperature"),
+        (dict(token_loss={"temperature": 0.0}), r"token_loss temperature must be a number > 0, got 0.0"),
+        (dict(token_loss={"chunk_size": 0}), r"token_loss: chunk_size must be a positive number of tokens"),
+        (dict(token_loss={"divergence": "jsd", "beta": 1.0}), r"token_loss: jsd needs 0 < beta < 1"),
+        (dict(token_loss={"beta": 1.5}), r"token_loss beta must be a number in \[0, 1\], got 1.5"),
+        (dict(token_loss={"alpha": -0.1}), r"token_loss alpha must be a number in \[0, 1\], got -0.1"),
+        (dict(token_loss={"weight": -1.0}), r"token_loss weight must be a number >= 0, got -1.0"),
+        (dict(token_loss={"vocab_truncation": "yes"}), r"vocab_truncation must be True or False"),
+        (dict(token_loss={}, label_loss_weight=-0.5), r"label_loss_weight must be a number >= 0, got -0.5"),
+        (dict(methods=[{"name": "kd", "weight": -1}]), r"the weight of method 'kd' must be a number >= 0"),
+        (dict(methods=[{"name": "kd", "temprature": 2}]), r"method 'kd' has no hyper-parameter 'temprature'"),
+        (dict(token_loss={}, task="causal-lm"), r"task 'causal-lm' is unknown; did you mean: causal_lm"),
+        (dict(token_loss={}, teacher_dtype="bf16"), r"teacher_dtype 'bf16' is unknown; did you mean: bfloat16"),
+    ],
+)
+def test_every_config_field_is_checked_when_the_config_is_built(config, message):
+    with pytest.raises((ValueError, TypeError), match=message) as error:
+        DistillationConfig(**config)
+    assert "\n" not in str(error.value)
+
+
+def test_a_batch_without_labels_says_how_to_add_them(tmp_path):
+    examples = [{k: v for k, v in e.items() if k != "labels"} for e in text_examples(8, causal=True)]
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(layers=1, hidden=8),
+        teacher_model=tiny_gpt2(layers=2),
+        distillation=DistillationConfig(token_loss={}),
+        args=arguments(tmp_path, max_steps=1),
+        train_dataset=examples,
+    )
+    with pytest.raises(ValueError, match=r"DataCollatorForLanguageModeling\(tokenizer, mlm=False\).*-100"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("name", ["kd", "jsd", "dkd", "dist"])
+def test_logit_methods_are_refused_on_a_causal_lm(tmp_path, name):
+    config = DistillationConfig(methods=[name])
+    with pytest.raises(ValueError, match=r"one distribution per example.*token_loss=\{'divergence': 'forward_kl'\}"):
+        DistillationTrainer(model=tiny_gpt2(), teacher_model=tiny_gpt2(), distillation=config, args=arguments(tmp_path))

@@ -5,7 +5,8 @@ import torch
 from naive_logits import random_case
 
 from fisherkd import functional as Fn
-from fisherkd.methods import MethodInputs, available, create, describe
+from fisherkd.methods import MethodInputs, available, create, describe, method_class
+from fisherkd.methods.logits import LogitMethod, LogitParams
 
 # Losses that are a mean over samples, as f(student, teacher, target, sample_weight); defaults unless the
 # default would hide a code path (e.g. JSD at β strictly inside (0, 1)).
@@ -84,3 +85,37 @@ def test_logit_methods_are_documented(name):
     info = describe(name)
     assert info["family"] == "logit" and info["paper"] and info["summary"]
     assert info["defaults"]["standardize"] is (name == "ls_kd")
+
+
+def _non_default(value):
+    """A valid value different from a default, so a hyper-parameter that does not reach the loss shows."""
+    if isinstance(value, tuple):
+        return tuple(_non_default(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return value + 1 if isinstance(value, int) else value * 0.7
+
+
+@pytest.mark.parametrize("name", [n for n in available("logit") if method_class(n).function is not None])
+def test_declared_methods_pass_every_hyperparameter_label_and_weight_by_name(name):
+    cls = method_class(name)
+    hparams = {k: _non_default(v) for k, v in describe(name)["defaults"].items() if k != "standardize"}
+    s, t, y = random_case((4, 6), seed=8)
+    weights = {axis: torch.rand(6 if axis == "class" else 4, dtype=torch.float64) + 0.5 for axis in cls.weight_axes}
+    method = create(name, **hparams)
+    out = method(MethodInputs(s, t, y, weights=weights))[name]
+    zs, zt = (Fn.standardize_logits(s), Fn.standardize_logits(t)) if method.hparams.standardize else (s, t)
+    target = (y,) if cls.needs_target else ()
+    expected = cls.function(zs, zt, *target, **hparams, **{f"{a}_weight": w for a, w in weights.items()})
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, create(name)(MethodInputs(s, t, y, weights=weights))[name])  # the values matter
+
+
+def test_a_declaration_the_function_cannot_take_fails_when_the_class_is_made():
+    class Params(LogitParams):
+        temprature: float = 1.0
+
+    with pytest.raises(TypeError, match=r"tvd\(\) takes no argument temprature"):
+        type("Broken", (LogitMethod,), {"function": staticmethod(Fn.tvd), "Params": Params})
+    with pytest.raises(TypeError, match=r"dist\(\) takes no argument sample_weight"):
+        type("Broken", (LogitMethod,), {"function": staticmethod(Fn.dist), "weight_axes": ("sample",)})

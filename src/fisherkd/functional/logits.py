@@ -191,20 +191,30 @@ def jsd(
     *,
     sample_weight: Tensor | None = None,
 ) -> Tensor:
-    """Generalized Jensen-Shannon divergence (the β family of GKD, Agarwal et al., ICLR 2024).
+    """Generalized Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024, Eq. 1), β as in GKD/TRL.
 
-    M = β·p_t + (1−β)·p_s;  JSD_β = (1−β)·KL(p_t ‖ M) + β·KL(p_s ‖ M), batch mean.
+    M = β·p_t + (1−β)·p_s;  JSD(β) = β·KL(p_t ‖ M) + (1−β)·KL(p_s ‖ M), batch mean, for 0 < β < 1.
 
-    The weights are chosen so that the family is continuous at both ends and reaches the two KLs there:
-    β = 0 gives M = p_s and KL(p_t ‖ p_s) (forward), β = 1 gives M = p_t and KL(p_s ‖ p_t) (reverse); β = ½ is
-    the usual JSD. (Weighting KL(p_t ‖ M) by β instead, as some implementations do, sends the value to 0 at
-    both ends, so special-casing β ∈ {0, 1} as the KLs makes it jump.)
+    The same value as TRL's ``GKDTrainer.generalized_jsd_loss`` (and Liger's generalized JSD) for every such β,
+    so a GKD/TRL ``beta`` carries over unchanged; β = ½ is the usual JSD. Near the ends JSD(β) ≈ β·KL(p_t ‖ p_s)
+    (forward-KL-like) and ≈ (1−β)·KL(p_s ‖ p_t) (reverse-KL-like): the value tends to 0, so β ∈ {0, 1} is refused
+    rather than replaced by the full KLs as TRL does, which would make the loss jump there. Use ``kd`` (forward
+    KL) or ``reverse_kl`` for those.
     """
+    _check_jsd_beta(beta)
     log_p_s = _log_probs(student_logits, temperature)
     log_p_t = _log_probs(teacher_logits, temperature)
     log_m = _log_mixture(log_p_t, log_p_s, beta)
-    per_sample = (1.0 - beta) * _kl(log_p_t, log_m) + beta * _kl(log_p_s, log_m)
+    per_sample = beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
     return _batch_mean(per_sample, sample_weight)
+
+
+def _check_jsd_beta(beta: float) -> None:
+    if not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"jsd needs 0 < beta < 1 (beta as in GKD/TRL), got {beta}; for beta=0 use forward KL ('kd', "
+            "divergence 'forward_kl'), for beta=1 reverse KL ('reverse_kl')"
+        )
 
 
 def tvd(

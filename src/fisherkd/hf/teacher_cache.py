@@ -31,11 +31,11 @@ from torch import Tensor, nn
 
 from fisherkd.functional.logits import _log_probs
 from fisherkd.hf.token_losses import (
-    DEFAULT_CHUNK_SIZE,
     LOG_FLOOR,
     Divergence,
     accumulation_dtype,
     check_divergence,
+    chunk_rows,
     chunked_token_loss,
     divergence_and_h,
     loss_scale,
@@ -69,11 +69,13 @@ class TopKTeacherBatch:
 
 
 def teacher_topk(
-    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE
+    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k (indices [..., k], log-probabilities [..., k]) of softmax(z/τ) and the tail log-mass [...],
-    computed ``chunk_size`` rows at a time so the fp32 log-probabilities of all tokens are never held at once."""
+    computed ``chunk_size`` rows at a time (default: 8 MiB of fp32 per chunk, as the token losses) so the fp32
+    log-probabilities of all tokens are never held at once."""
     vocab = teacher_logits.shape[-1]
+    chunk_size = chunk_rows(chunk_size, vocab)
     if not 1 <= k <= vocab:
         raise ValueError(f"k must lie between 1 and the vocabulary size {vocab}, got {k}")
     flat = teacher_logits.detach().reshape(-1, vocab)
@@ -120,7 +122,7 @@ def cache_teacher_topk(
     k: int = 64,
     temperature: float = 1.0,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     overwrite: bool = False,
 ) -> CachedTeacher:
     """Run ``teacher`` (eval mode, no gradients) once over ``batches`` and store its top-k next-token
@@ -242,7 +244,7 @@ def topk_distillation_loss(
     *,
     beta: float = 0.5,
     alpha: float = 0.1,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     shift: bool = True,
     ignore_index: int = -100,
     token_weight: Tensor | None = None,

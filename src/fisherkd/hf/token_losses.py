@@ -5,7 +5,8 @@ divergence between the student's and the teacher's next-token distributions p = 
 
     forward_kl       τ²·KL(p_t ‖ p_s)                                  (Hinton et al. 2015; GKD's "forward")
     reverse_kl       τ²·KL(p_s ‖ p_t)                                  (MiniLLM, Gu et al., ICLR 2024)
-    jsd              (1−β)·KL(p_t ‖ M) + β·KL(p_s ‖ M), M = β·p_t + (1−β)·p_s   (GKD, Agarwal et al., ICLR 2024)
+    jsd              β·KL(p_t ‖ M) + (1−β)·KL(p_s ‖ M), M = β·p_t + (1−β)·p_s, 0 < β < 1
+                                                                       (GKD, Agarwal et al., ICLR 2024; β as in TRL)
     tvd              ½·Σ_c |p_t,c − p_s,c|
     skew_kl          KL(p_t ‖ α·p_t + (1−α)·p_s)                       (DistiLLM, Ko et al., ICML 2024)
     skew_reverse_kl  KL(p_s ‖ α·p_s + (1−α)·p_t)                       (DistiLLM)
@@ -13,27 +14,28 @@ divergence between the student's and the teacher's next-token distributions p = 
 Each per-token value is exactly that of the same-named function in :mod:`fisherkd.functional.logits`
 (``kd``, ``reverse_kl``, ``jsd``, ``tvd``, ``skew_kl``, ``skew_reverse_kl``), which also fix where τ² appears.
 
-Memory. At V = 50k–250k and thousands of tokens, the fp32 [tokens × V] probabilities, and the several copies
+Memory. At V = 32k–250k and thousands of tokens, the fp32 [tokens × V] probabilities, and the several copies
 that autograd saves for the backward pass, dwarf the model's activations. Here tokens are processed in chunks
 (as the Liger kernel does): for each chunk the forward pass computes the loss *and* the closed-form gradient
 with respect to the student logits, writes that gradient into one preallocated buffer in the logits' dtype,
 and frees the chunk. The backward pass only scales the buffer by the incoming gradient. So the extra memory is
-one gradient-sized buffer (which any implementation must produce) plus about five fp32 [chunk_size × V] work
-tensors, against about six fp32 [tokens × V] tensors for autograd through the plain formulas. The saving needs
-chunk_size well below the token count: at 2048 tokens × 50257 (bf16 logits), chunk_size 256 peaks at 0.24× the
-naive memory and 1024 at 0.57× (benchmarks/token_loss_memory.py).
+one gradient-sized buffer (which any implementation must produce) plus about five fp32 [chunk × V] work tensors,
+against about six fp32 [tokens × V] tensors for autograd through the plain formulas. By default a chunk holds
+``CHUNK_BYTES // (4·V)`` tokens, i.e. 8 MiB per fp32 work tensor whatever the vocabulary (see
+:func:`chunk_rows` for why bytes, not tokens). Measured under the default allocator on the CPU
+(benchmarks/token_loss_memory.py): see the README for the numbers.
 
 Gradients. Write u = z_s/τ and, for any loss ℓ(p_s), h = p_s ⊙ ∂ℓ/∂p_s. The softmax Jacobian gives
 ∂ℓ/∂u = h − p_s·Σ_c h_c, and ∂ℓ/∂z_s = (∂ℓ/∂u)/τ, times τ² where the loss has it. (A constant added to
 ∂ℓ/∂p_s cancels, so the "+1" terms of d(p log p) are dropped.) With M the relevant mixture:
     forward_kl       h = −p_t                                  → ∂ℓ/∂z_s = τ·(p_s − p_t)
     reverse_kl       h = p_s·(log p_s − log p_t)
-    jsd              h = β·p_s·(log p_s − log M) − (1−β)²·p_t·p_s/M − β(1−β)·p_s²/M
+    jsd              h = (1−β)·p_s·(log p_s − log M)   (its ratio terms add up to −(1−β)·p_s, which cancels)
     tvd              h = ½·p_s·sign(p_s − p_t)
     skew_kl          h = −(1−α)·p_t·p_s/M
     skew_reverse_kl  h = p_s·(log p_s − log M) − α·p_s²/M
-The ratios are evaluated as exp of sums of logs; each is bounded (M ≥ β·p_t, M ≥ (1−β)·p_s, ...), and terms
-whose coefficient is zero are skipped so that the end points β, α ∈ {0, 1} stay finite.
+The ratios are evaluated as exp of sums of logs; each is bounded (M ≥ α·p_t, M ≥ α·p_s), and terms whose
+coefficient is zero are skipped so that the end points α ∈ {0, 1} stay finite.
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from fisherkd.functional.logits import _kl, _log_mixture, _log_probs
+from fisherkd.core import nearest
+from fisherkd.functional.logits import _check_jsd_beta, _kl, _log_mixture, _log_probs
 
-__all__ = ["DIVERGENCES", "Divergence", "token_distillation_loss"]
+__all__ = ["CHUNK_BYTES", "DIVERGENCES", "Divergence", "chunk_rows", "token_distillation_loss"]
 
-# 256 tokens × a 50k vocabulary keep the fp32 work tensors at ~0.25× a full [2048 × V] pass (benchmarks/).
-DEFAULT_CHUNK_SIZE = 256
+# The default chunk: fp32 [chunk × V] work tensors of 8 MiB each (see chunk_rows).
+CHUNK_BYTES = 8 << 20
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
@@ -68,12 +71,13 @@ ChunkFn = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]]
 
 
 def check_divergence(divergence: str, beta: float, alpha: float) -> None:
-    """Raise a ValueError for an unknown divergence or a mixture weight outside [0, 1]."""
+    """Raise a ValueError for an unknown divergence, a JSD β outside (0, 1) or a skew α outside [0, 1]."""
     if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    for name, value in (("beta", beta), ("alpha", alpha)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        raise ValueError(f"unknown divergence {divergence!r}; {nearest(divergence, DIVERGENCES)}")
+    if divergence == "jsd":
+        _check_jsd_beta(beta)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
 
 
 def loss_scale(divergence: str, temperature: float) -> float:
@@ -96,13 +100,8 @@ def divergence_and_h(
         return 0.5 * diff.abs().sum(-1), 0.5 * p_s * diff.sign()
     if divergence == "jsd":
         log_m = _log_mixture(log_p_t, log_p_s, beta)
-        value = (1.0 - beta) * _kl(log_p_t, log_m) + beta * _kl(log_p_s, log_m)
-        h = beta * p_s * (log_p_s - log_m)
-        if beta < 1.0:
-            h -= (1.0 - beta) ** 2 * (log_p_t + log_p_s - log_m).exp()
-            if beta > 0.0:
-                h -= beta * (1.0 - beta) * (2.0 * log_p_s - log_m).exp()
-        return value, h
+        value = beta * _kl(log_p_t, log_m) + (1.0 - beta) * _kl(log_p_s, log_m)
+        return value, (1.0 - beta) * p_s * (log_p_s - log_m)
     if divergence == "skew_kl":
         log_m = _log_mixture(log_p_t, log_p_s, alpha)
         return _kl(log_p_t, log_m), -(1.0 - alpha) * (log_p_t + log_p_s - log_m).exp()
@@ -199,10 +198,30 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
 
 
-def chunked_token_loss(student_logits: Tensor, rows: Tensor, weight: Tensor, chunk_fn: ChunkFn, chunk_size: int):
+def chunk_rows(chunk_size: int | None, vocab: int) -> int:
+    """Tokens per chunk: ``chunk_size``, or by default as many as fit fp32 [chunk × V] work tensors of
+    ``CHUNK_BYTES`` (8 MiB).
+
+    Why bytes: under glibc's default allocator a freed block smaller than its mmap threshold, which adapts up to
+    32 MiB, stays on the heap, resident, and the heap grows with fragmentation. A fixed token count makes the blocks
+    grow with the vocabulary (256 tokens × 32k = 31.25 MiB, just under 32 MiB); measured on the CPU at 2,048 tokens
+    (benchmarks/token_loss_memory.py), 256-token chunks peaked at 0.34–0.54× a naive loss's resident memory and
+    varied from step to step, 8 MiB chunks at 0.15–0.21×.
+    """
+    if chunk_size is None:
+        return max(1, CHUNK_BYTES // (4 * vocab))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be a positive number of tokens, or None for 8 MiB chunks; got {chunk_size!r}"
+        )
+    return chunk_size
+
+
+def chunked_token_loss(
+    student_logits: Tensor, rows: Tensor, weight: Tensor, chunk_fn: ChunkFn, chunk_size: int | None
+) -> Tensor:
     """Apply the chunked autograd function to logits [..., V] (viewed as [N, V] without a copy when contiguous)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    chunk_size = chunk_rows(chunk_size, student_logits.shape[-1])
     flat = student_logits.reshape(-1, student_logits.shape[-1])
     # no gradient buffer, and no gradient work, under torch.no_grad() or for logits that need none
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -232,7 +251,7 @@ def token_distillation_loss(
     *,
     beta: float = 0.5,
     alpha: float = 0.1,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     shift: bool = True,
     ignore_index: int = -100,
     token_weight: Tensor | None = None,
@@ -251,9 +270,9 @@ def token_distillation_loss(
     gradient-accumulation micro-batches, which makes accumulation exact). ``reduction="sum"`` drops N.
 
     ``shift=True`` (causal LM) scores the logits at t against the label at t + 1, as Hugging Face does.
-    Tokens are processed ``chunk_size`` at a time, forward and backward, so only O(chunk_size × V) fp32 work
-    space is held besides the gradient (see the module docstring for numbers). The teacher gets no gradient.
-    Backward may run once per call.
+    Tokens are processed ``chunk_size`` at a time (by default as many as make 8 MiB fp32 [chunk × V] tensors),
+    forward and backward, so only O(chunk_size × V) fp32 work space is held besides the gradient. The teacher
+    gets no gradient. Backward may run once per call.
 
     Teacher and student must share the vocabulary. ``vocab_truncation=True`` scores only the first min(V_s, V_t)
     entries of both (each renormalized there): right when one model's embedding matrix is merely padded (e.g.

@@ -19,11 +19,13 @@ every labelled token against the teacher's next-token distribution.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -33,18 +35,22 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
-from fisherkd.core import model_logits
+from fisherkd.core import model_logits, nearest
 from fisherkd.distiller import Distiller, MethodSpec, as_spec
 from fisherkd.hf.layers import check_vocabularies
-from fisherkd.hf.token_losses import DEFAULT_CHUNK_SIZE, token_distillation_loss
+from fisherkd.hf.token_losses import DIVERGENCES, check_divergence, chunk_rows, token_distillation_loss
 from fisherkd.methods import method_class
 
 __all__ = ["DISTILLER_STATE_NAME", "DistillationConfig", "DistillationTrainer", "TokenLossConfig"]
 
+# A dataset column with each example's index, passed to the methods (CRD's memory bank) and kept by the Trainer.
+INDEX_COLUMN = "index"
 # The adapters' and methods' state (learned projections, Fisher statistics) inside every Trainer checkpoint.
 DISTILLER_STATE_NAME = "fisherkd_distiller.pt"
 
 Task = Literal["auto", "causal_lm", "sequence_classification"]
+TASKS: tuple[str, ...] = get_args(Task)
+TEACHER_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -56,10 +62,46 @@ class TokenLossConfig:
     weight: float = 1.0
     divergence: str = "forward_kl"
     temperature: float = 1.0
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    beta: float = 0.5  # JSD interpolation
+    chunk_size: int | None = None  # tokens per chunk; None: as many as make 8 MiB fp32 [chunk × V] tensors
+    beta: float = 0.5  # JSD interpolation, 0 < β < 1, as in GKD/TRL
     alpha: float = 0.1  # skew of the skew KLs
     vocab_truncation: bool = False  # allow padded embedding matrices of one tokenizer (first min(V_s, V_t) entries)
+
+    def __post_init__(self) -> None:
+        # Every field is checked here, so that a typo fails when the config is built, not at the first step.
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(
+                f"token_loss divergence {self.divergence!r} is unknown; {nearest(self.divergence, DIVERGENCES)}"
+            )
+        _check_number("token_loss weight", self.weight, minimum=0.0)
+        _check_number("token_loss temperature", self.temperature, minimum=0.0, strict=True)
+        _check_number("token_loss alpha", self.alpha, minimum=0.0, maximum=1.0)
+        _check_number("token_loss beta", self.beta, minimum=0.0, maximum=1.0)
+        try:
+            check_divergence(self.divergence, self.beta, self.alpha)
+            chunk_rows(self.chunk_size, 1)
+        except ValueError as err:
+            raise ValueError(f"token_loss: {err}") from None
+        if not isinstance(self.vocab_truncation, bool):
+            raise ValueError(f"token_loss vocab_truncation must be True or False, got {self.vocab_truncation!r}")
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any]) -> TokenLossConfig:
+        """A config from a dict of its fields; an unknown key fails with the nearest field names."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in fields:
+            if key not in known:
+                raise ValueError(f"token_loss has no field {key!r}; {nearest(str(key), known)}")
+        return cls(**fields)
+
+
+def _check_number(what: str, value: Any, minimum: float, maximum: float = math.inf, strict: bool = False) -> None:
+    """A real number within [minimum, maximum] (or above minimum when ``strict``), else a one-line ValueError."""
+    low = "> " if strict else ">= "
+    bound = f"{low}{minimum:g}" if maximum == math.inf else f"in [{minimum:g}, {maximum:g}]"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < minimum or value > maximum or (strict and value == minimum):
+        raise ValueError(f"{what} must be a number {bound}, got {value!r}")
 
 
 @dataclass
@@ -84,14 +126,25 @@ class DistillationConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.token_loss, Mapping):
-            self.token_loss = TokenLossConfig(**self.token_loss)
+            self.token_loss = TokenLossConfig.from_mapping(self.token_loss)
+        elif self.token_loss is not None and not isinstance(self.token_loss, TokenLossConfig):
+            raise ValueError(
+                f"token_loss must be a TokenLossConfig, a dict of its fields or None, got {self.token_loss!r}"
+            )
         self.methods = [as_spec(m) for m in self.methods]
         for spec in self.methods:
-            method_class(spec.name)  # an unknown name fails here, with suggestions, rather than inside the Trainer
-        if self.teacher_dtype not in (None, "bfloat16", "float16", "float32"):
+            # an unknown name or hyper-parameter fails here, with suggestions, rather than inside the Trainer
+            spec.build()
+            if spec.weight is not None:
+                _check_number(f"the weight of method {spec.name!r}", spec.weight, minimum=0.0)
+        _check_number("label_loss_weight", self.label_loss_weight, minimum=0.0)
+        if self.teacher_dtype not in (None, *TEACHER_DTYPES):
             raise ValueError(
-                f"teacher_dtype must be 'bfloat16', 'float16', 'float32' or None, got {self.teacher_dtype!r}"
+                f"teacher_dtype {self.teacher_dtype!r} is unknown; {nearest(str(self.teacher_dtype), TEACHER_DTYPES)}"
+                " (or None to keep the teacher's)"
             )
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is unknown; {nearest(str(self.task), TASKS)}")
         if not self.methods and self.token_loss is None and self.label_loss_weight == 0:
             raise ValueError(
                 "DistillationConfig has nothing to train with: give methods, token_loss or label_loss_weight"
@@ -112,11 +165,27 @@ def _is_causal_lm(model: nn.Module, task: Task) -> bool:
 
 
 class _DistillerCallback(TrainerCallback):
-    """After each optimizer step: clear the adapters' gradients (the Trainer zeroes only the student's) and let
-    methods with state between steps (Fisher statistics, EMA teachers) update it."""
+    """The distiller's clock follows the Trainer's: at the start, the epoch length (optimizer steps per epoch,
+    counted as the Trainer counts them) and the steps already taken (on resume); after each optimizer step, clear
+    the adapters' gradients (the Trainer zeroes only the student's) and advance the distiller (its clock, Fisher
+    statistics, EMA teachers)."""
 
     def __init__(self, trainer: DistillationTrainer) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        distiller = self.trainer.distiller
+        if distiller is None:
+            return
+        try:
+            batches = len(train_dataloader)
+        except TypeError:  # an iterable dataset: the run's length in steps is all we know
+            batches = None
+        if batches:
+            steps_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        else:
+            steps_per_epoch = max(state.max_steps / max(state.num_train_epochs, 1), 1)
+        distiller.clock.configure(steps_per_epoch, step=state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         for p in self.trainer.distiller_parameters():
@@ -139,7 +208,13 @@ class DistillationTrainer(Trainer):
     Loss normalisation under gradient accumulation: per-batch terms (all methods, the classification label loss)
     are divided by the number of accumulated micro-batches, as the Trainer does for a mean loss; token-level terms
     are summed and divided by the number of labelled tokens of the whole accumulated batch (``num_items_in_batch``),
-    so they equal the per-token mean over that batch however the tokens fall into micro-batches.
+    so they equal the per-token mean over that batch however the tokens fall into micro-batches; they are logged
+    as that mean too (``distill/token``, ``distill/label`` for a causal LM), whatever the accumulation.
+
+    On a causal LM the logit-family methods (``kd``, ``jsd``, ``dkd``, ...) are refused: they score one
+    distribution per example, and on [batch, tokens, vocab] logits they would score every position, pads and
+    prompts included, at their image-classification defaults (τ = 4). The token-level loss (``token_loss``) is
+    their masked, per-token form; feature, attention and relation methods (``minilm``, ``tinybert``) work as usual.
 
     ``example_input`` (a batch dict) sizes the adapters; by default the first two training examples are used.
     The distiller's forward hooks stay on both models until ``trainer.distiller.close()``. Multi-process (DDP)
@@ -177,7 +252,14 @@ class DistillationTrainer(Trainer):
             truncate = config.token_loss is not None and config.token_loss.vocab_truncation
             check_vocabularies(_unwrap_peft(self.model), teacher_model, truncate)
             for spec in config.methods:
-                if method_class(spec.name).needs_target:
+                cls = method_class(spec.name)
+                if cls.family == "logit" or "logits" in cls.pair_kinds:
+                    raise ValueError(
+                        f"method {spec.name!r} scores one distribution per example, but a causal LM predicts one per "
+                        "token (pads included); use the token-level loss, e.g. token_loss={'divergence': 'forward_kl'}"
+                        " (or 'reverse_kl', 'jsd', 'tvd', 'skew_kl', 'skew_reverse_kl')"
+                    )
+                if cls.needs_target:
                     raise ValueError(
                         f"method {spec.name!r} needs one label per example, which a causal LM does not have; use "
                         "label_loss_weight for the language-modelling loss and token_loss for the teacher's tokens"
@@ -225,6 +307,11 @@ class DistillationTrainer(Trainer):
             return []
         modules = (self.distiller.adapters, self.distiller.methods)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns.append(INDEX_COLUMN)  # the models never see it: see _forward
 
     # ---- optimizer ------------------------------------------------------------------------------------------
 
@@ -279,32 +366,47 @@ class DistillationTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the teacher need not compute a loss
         student_logits, teacher_logits, batch_terms, stats = self._forward(model, model_inputs, labels)
         token_terms: dict[str, Tensor] = {}
+        if (config.label_loss_weight or config.token_loss is not None) and labels is None:
+            raise ValueError(self._missing_labels_message())
         if config.label_loss_weight:
-            if labels is None:
-                raise ValueError("label_loss_weight > 0 needs 'labels' in the batch")
             loss = self._label_loss(student_logits, labels, num_items_in_batch)
             (token_terms if self.causal_lm else batch_terms)["label"] = config.label_loss_weight * loss
         if config.token_loss is not None:
-            if labels is None:
-                raise ValueError("token_loss scores the tokens whose label is not -100: put 'labels' in the batch")
             token_terms["token"] = config.token_loss.weight * self._token_loss(
                 student_logits, teacher_logits, labels, num_items_in_batch
             )
-        loss = self._combine(model, batch_terms, token_terms, num_items_in_batch)
+        # Every term as its micro-batch's share of the mean over the accumulated batch, like a per-batch term: the
+        # loss divides all of them by the micro-batch count and the log averages them over the micro-batches.
+        factor = self._token_factor(model, num_items_in_batch)
+        terms = {**batch_terms, **{name: value * factor for name, value in token_terms.items()}}
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        loss = sum(terms.values()) / steps
         if model.training:
-            self._accumulate_terms({**batch_terms, **token_terms, **stats})
+            self._accumulate_terms({**terms, **stats})
         return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _missing_labels_message(self) -> str:
+        if not self.causal_lm:
+            return "label_loss_weight > 0 needs each example's target in the batch, under 'labels'"
+        return (
+            "token_loss and label_loss_weight score the tokens whose label is not -100, but the batch has no "
+            "'labels': collate with DataCollatorForLanguageModeling(tokenizer, mlm=False), or give each example "
+            "labels = input_ids with the padding positions set to -100"
+        )
 
     def _forward(
         self, model: nn.Module, inputs: dict[str, Any], labels: Tensor | None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """Student and teacher logits, the methods' weighted loss terms and the Fisher diagnostics."""
+        """Student and teacher logits, the methods' weighted loss terms and the Fisher diagnostics. A batch column
+        ``index`` (the examples' dataset indices, for memory banks such as CRD's) goes to the methods, not the
+        models."""
+        index = inputs.pop(INDEX_COLUMN, None)
         if self.distiller is None:
             with torch.no_grad():
                 teacher_logits = model_logits(self.teacher_model(**inputs))
             return model_logits(model(**inputs)), teacher_logits, {}, {}
         self.distiller.train(model.training)  # adapters and methods follow the student; the teacher stays in eval
-        out = self.distiller(inputs, None if self.causal_lm else labels)
+        out = self.distiller(inputs, None if self.causal_lm else labels, index=index)
         return out.logits, out.teacher_logits, dict(out.losses), out.stats
 
     def _label_loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
@@ -330,22 +432,20 @@ class DistillationTrainer(Trainer):
             vocab_truncation=c.vocab_truncation,
         )
 
-    def _combine(
-        self,
-        model: nn.Module,
-        batch_terms: dict[str, Tensor],
-        token_terms: dict[str, Tensor],
-        num_items_in_batch: Tensor | int | None,
-    ) -> Tensor:
-        """Σ per-batch terms / accumulated micro-batches + Σ token terms (already / tokens of the whole batch)."""
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
-        per_batch = sum(batch_terms.values()) / steps if batch_terms else 0.0
-        per_token = sum(token_terms.values()) if token_terms else 0.0
-        if token_terms and num_items_in_batch is None:
-            per_token = per_token / steps  # no global token count: each micro-batch's own mean, like per-batch terms
-        elif token_terms and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            per_token = per_token * self.accelerator.num_processes  # the count is global, DDP averages gradients
-        return per_batch + per_token
+    def _token_factor(self, model: nn.Module, num_items_in_batch: Tensor | int | None) -> float:
+        """What turns a token term into its micro-batch's share of the per-token mean times the micro-batch count.
+
+        A token term is Σ_tokens ℓ / N with N the labelled tokens of the whole accumulated batch (all micro-batches,
+        and all processes under ``average_tokens_across_devices``), so the terms of the micro-batches add up to the
+        mean: multiplied by the micro-batch count (and the process count, as DDP averages gradients), they are
+        averaged like per-batch terms. Without N each term is its own micro-batch's mean already.
+        """
+        if num_items_in_batch is None:
+            return 1.0
+        factor = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            factor *= self.accelerator.num_processes
+        return float(factor)
 
     # ---- logging -------------------------------------------------------------------------------------------
 

@@ -1,20 +1,25 @@
 """Logit-based methods (and the label cross-entropy they are usually paired with).
 
-Every logit method shares two things, written once in :class:`LogitMethod`: the ``standardize`` option of
-Logit Standardization (Sun et al., CVPR 2024), which z-scores both logit vectors per sample before the loss,
-and the per-sample importance weights ``inputs.weights["sample"]`` that the per-sample losses accept.
+Every logit method shares what :class:`LogitMethod` writes once: the ``standardize`` option of Logit
+Standardization (Sun et al., CVPR 2024), which z-scores both logit vectors per sample before the loss, and the
+call of its loss. Most methods are one function of :mod:`fisherkd.functional`: such a method is declared by its
+docstring, paper, loss weights, hyper-parameters (named as the function's keywords) and ``function``; the rest
+(label, importance weights per axis of ``weight_axes``) is passed by :meth:`LogitMethod.loss`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from fisherkd import functional as Fn
+from fisherkd.functional.logits import _check_jsd_beta
 from fisherkd.methods.base import Hyperparameters, Method, MethodInputs, register
 
 Positive = Annotated[float, Field(gt=0.0)]
@@ -45,11 +50,28 @@ class LogitParams(Hyperparameters):
 
 
 class LogitMethod(Method):
-    """A loss between student and teacher logits. Subclasses implement :meth:`loss`; the term is named after
-    the method."""
+    """A loss between student and teacher logits; the term is named after the method.
+
+    A subclass either sets ``function`` (a function of :mod:`fisherkd.functional`), which is called as
+    ``function(student, teacher[, target], **hyper-parameters, <axis>_weight=...)``: the label when the method
+    ``needs_target``, every hyper-parameter but ``standardize`` by name, and one importance weight per axis of
+    ``weight_axes`` (``sample_weight``, ``class_weight``); or it overrides :meth:`loss`.
+    """
 
     family = "logit"
     Params = LogitParams
+    function: ClassVar[Callable[..., Tensor] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.function is None:
+            return
+        # A declaration whose names the function does not take fails at import, not at the first batch.
+        accepted = inspect.signature(cls.function).parameters
+        passed = [k for k in cls.Params.model_fields if k != "standardize"] + [f"{a}_weight" for a in cls.weight_axes]
+        unknown = [k for k in passed if k not in accepted]
+        if unknown:
+            raise TypeError(f"{cls.__name__}: {cls.function.__name__}() takes no argument {', '.join(unknown)}")
 
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
         student, teacher = inputs.student_logits, inputs.teacher_logits
@@ -57,12 +79,11 @@ class LogitMethod(Method):
             student, teacher = Fn.standardize_logits(student), Fn.standardize_logits(teacher)
         return {self.name: self.loss(student, teacher, inputs)}
 
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-
-def _sample_weight(inputs: MethodInputs) -> Tensor | None:
-    return inputs.weights.get("sample")
+    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
+        target = (inputs.target,) if self.needs_target else ()
+        hparams = {k: getattr(self.hparams, k) for k in type(self.hparams).model_fields if k != "standardize"}
+        weights = {f"{axis}_weight": inputs.weights.get(axis) for axis in self.weight_axes}
+        return self.function(student, teacher, *target, **hparams, **weights)
 
 
 def _ramp(epoch: Tensor | float, epochs: float, like: Tensor) -> Tensor:
@@ -81,14 +102,12 @@ class KD(LogitMethod):
 
     weight_axes = ("sample",)
     paper = "Hinton et al. 2015, arXiv:1503.02531"
+    function = staticmethod(Fn.kd)
     default_weight = 0.9
     label_weight = 0.1
 
     class Params(LogitParams):
         temperature: Positive = 4.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        return Fn.kd(student, teacher, self.hparams.temperature, sample_weight=_sample_weight(inputs))
 
 
 @register("fisher_logit")
@@ -103,20 +122,12 @@ class FisherLogit(LogitMethod):
 
     weight_axes = ("sample", "class")
     paper = "FisherKD (the local quadratic form of Hinton et al. 2015)"
+    function = staticmethod(Fn.fisher_logit)
     default_weight = 0.9
     label_weight = 0.1
 
     class Params(LogitParams):
         temperature: Positive = 4.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        return Fn.fisher_logit(
-            student,
-            teacher,
-            self.hparams.temperature,
-            sample_weight=_sample_weight(inputs),
-            class_weight=inputs.weights.get("class"),
-        )
 
 
 @register("ls_kd")
@@ -152,6 +163,10 @@ class DKD(LogitMethod):
     default_weight = 1.0
     needs_target = True
 
+    @property
+    def reads_epoch(self) -> bool:
+        return self.hparams.warmup_epochs > 0
+
     class Params(LogitParams):
         alpha: NonNegative = 1.0
         beta: NonNegative = 8.0
@@ -161,7 +176,7 @@ class DKD(LogitMethod):
     def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
         h = self.hparams
         value = Fn.dkd(
-            student, teacher, inputs.target, h.alpha, h.beta, h.temperature, sample_weight=_sample_weight(inputs)
+            student, teacher, inputs.target, h.alpha, h.beta, h.temperature, sample_weight=inputs.weights.get("sample")
         )
         return _ramp(inputs.epoch, h.warmup_epochs, value) * value
 
@@ -177,16 +192,13 @@ class NKD(LogitMethod):
 
     weight_axes = ("sample",)
     paper = "Yang et al. ICCV 2023, arXiv:2303.13005"
+    function = staticmethod(Fn.nkd)
     default_weight = 1.0
     needs_target = True
 
     class Params(LogitParams):
         temperature: Positive = 1.0
         gamma: NonNegative = 1.5
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        h = self.hparams
-        return Fn.nkd(student, teacher, inputs.target, h.temperature, h.gamma, sample_weight=_sample_weight(inputs))
 
 
 @register("dist")
@@ -198,16 +210,13 @@ class DIST(LogitMethod):
     """
 
     paper = "Huang et al. NeurIPS 2022, arXiv:2205.10536"
+    function = staticmethod(Fn.dist)
     default_weight = 1.0
 
     class Params(LogitParams):
         beta: NonNegative = 1.0
         gamma: NonNegative = 1.0
         temperature: Positive = 4.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        h = self.hparams
-        return Fn.dist(student, teacher, h.beta, h.gamma, h.temperature)
 
 
 @register("reverse_kl")
@@ -220,32 +229,35 @@ class ReverseKL(LogitMethod):
 
     weight_axes = ("sample",)
     paper = "Gu et al. ICLR 2024, arXiv:2306.08543"
+    function = staticmethod(Fn.reverse_kl)
 
     class Params(LogitParams):
         temperature: Positive = 1.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        return Fn.reverse_kl(student, teacher, self.hparams.temperature, sample_weight=_sample_weight(inputs))
 
 
 @register("jsd")
 class JSD(LogitMethod):
-    """Generalized JSD: (1−β)·KL(p_t ‖ M) + β·KL(p_s ‖ M), M = β·p_t + (1−β)·p_s. β=0.5, τ=1.
+    """Generalized JSD, β as in GKD/TRL: β·KL(p_t ‖ M) + (1−β)·KL(p_s ‖ M), M = β·p_t + (1−β)·p_s. β=0.5, τ=1.
 
     Paper: Agarwal et al., "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes"
-    (GKD), ICLR 2024. Continuous in β: β→0 is forward KL(p_t ‖ p_s), β→1 reverse KL(p_s ‖ p_t).
+    (GKD), ICLR 2024, Eq. 1. The value of TRL's ``generalized_jsd_loss`` for the same β, 0 < β < 1: small β
+    behaves as β·KL(p_t ‖ p_s) (forward), β near 1 as (1−β)·KL(p_s ‖ p_t) (reverse). The ends are refused, not
+    switched to the full KLs as TRL does (a jump); use ``kd`` or ``reverse_kl`` there.
     """
 
     weight_axes = ("sample",)
-    paper = "Agarwal et al. ICLR 2024, arXiv:2306.13649"
+    paper = "Agarwal et al. ICLR 2024, arXiv:2306.13649 (β as in GKD/TRL)"
+    function = staticmethod(Fn.jsd)
 
     class Params(LogitParams):
-        beta: Fraction = 0.5
+        beta: float = 0.5
         temperature: Positive = 1.0
 
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        h = self.hparams
-        return Fn.jsd(student, teacher, h.beta, h.temperature, sample_weight=_sample_weight(inputs))
+        @field_validator("beta")
+        @classmethod
+        def _inside_the_unit_interval(cls, beta: float) -> float:
+            _check_jsd_beta(beta)
+            return beta
 
 
 @register("tvd")
@@ -257,12 +269,10 @@ class TVD(LogitMethod):
 
     weight_axes = ("sample",)
     paper = "Wen et al. ACL 2023, arXiv:2307.15190"
+    function = staticmethod(Fn.tvd)
 
     class Params(LogitParams):
         temperature: Positive = 1.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        return Fn.tvd(student, teacher, self.hparams.temperature, sample_weight=_sample_weight(inputs))
 
 
 @register("skew_kl")
@@ -274,14 +284,11 @@ class SkewKL(LogitMethod):
 
     weight_axes = ("sample",)
     paper = "Ko et al. ICML 2024, arXiv:2402.03898"
+    function = staticmethod(Fn.skew_kl)
 
     class Params(LogitParams):
         alpha: Fraction = 0.1
         temperature: Positive = 1.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        h = self.hparams
-        return Fn.skew_kl(student, teacher, h.alpha, h.temperature, sample_weight=_sample_weight(inputs))
 
 
 @register("skew_reverse_kl")
@@ -293,14 +300,11 @@ class SkewReverseKL(LogitMethod):
 
     weight_axes = ("sample",)
     paper = "Ko et al. ICML 2024, arXiv:2402.03898"
+    function = staticmethod(Fn.skew_reverse_kl)
 
     class Params(LogitParams):
         alpha: Fraction = 0.1
         temperature: Positive = 1.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        h = self.hparams
-        return Fn.skew_reverse_kl(student, teacher, h.alpha, h.temperature, sample_weight=_sample_weight(inputs))
 
 
 @register("sinkhorn")
@@ -314,15 +318,12 @@ class Sinkhorn(LogitMethod):
     """
 
     paper = "Cui et al. 2024, arXiv:2402.17110"
+    function = staticmethod(Fn.sinkhorn)
 
     class Params(LogitParams):
         temperature: Positive = 2.0
         epsilon: Positive = 0.1
         iterations: Annotated[int, Field(ge=1)] = 20
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        h = self.hparams
-        return Fn.sinkhorn(student, teacher, h.temperature, h.epsilon, h.iterations)
 
 
 @register("ofa")
@@ -336,16 +337,13 @@ class OFA(LogitMethod):
 
     weight_axes = ("sample",)
     paper = "Hao et al. NeurIPS 2023, arXiv:2310.19444"
+    function = staticmethod(Fn.ofa)
     default_weight = 1.0
     needs_target = True
 
     class Params(LogitParams):
         eps: Positive = 1.0
         temperature: Positive = 1.0
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        h = self.hparams
-        return Fn.ofa(student, teacher, inputs.target, h.eps, h.temperature, sample_weight=_sample_weight(inputs))
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -379,6 +377,10 @@ class CTKD(LogitMethod):
     default_weight = 0.9
     label_weight = 0.1
 
+    @property
+    def reads_epoch(self) -> bool:
+        return self.hparams.curriculum_epochs > 0
+
     class Params(LogitParams):
         temperature_min: Positive = 1.0
         temperature_range: Positive = 20.0
@@ -399,7 +401,7 @@ class CTKD(LogitMethod):
 
     def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
         tau = self.temperature(inputs.epoch)
-        return Fn.kd(student, teacher, tau, sample_weight=_sample_weight(inputs))
+        return Fn.kd(student, teacher, tau, sample_weight=inputs.weights.get("sample"))
 
 
 @register("mlkd")
@@ -412,11 +414,9 @@ class MLKD(LogitMethod):
     """
 
     paper = "Jin et al. CVPR 2023"
+    function = staticmethod(Fn.mlkd)
     default_weight = 0.9
     label_weight = 0.1
 
     class Params(LogitParams):
         temperatures: tuple[Positive, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
-
-    def loss(self, student: Tensor, teacher: Tensor, inputs: MethodInputs) -> Tensor:
-        return Fn.mlkd(student, teacher, self.hparams.temperatures)
