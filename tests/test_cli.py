@@ -46,3 +46,16 @@ def test_train_then_eval_from_the_console_script(tmp_path):
     done = subprocess.run([*run, "eval", str(run_dir)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert abs(json.loads(done.stdout)["accuracy"] - summary["test_accuracy"]) < 1e-6
+
+
+def test_the_console_script_prints_one_line_and_debug_keeps_the_traceback(tmp_path):
+    run = [sys.executable, "-m", "fisherkd.cli", "eval", str(tmp_path / "no-such-run")]
+    env = {"FISHERKD_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: run directory '{tmp_path / 'no-such-run'}' does not exist: give the directory `fisherkd train` made "
+        "(output_dir/name)"
+    ]
+    done = subprocess.run(run, capture_output=True, text=True, env={**env, "FISHERKD_DEBUG": "1"})
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ConfigError" in done.stderr

@@ -36,8 +36,9 @@ def test_errors_name_the_key_path(raw, overrides, message):
 
 def test_yaml_is_read_safely(tmp_path):
     path = tmp_path / "evil.yaml"
-    path.write_text("student: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(Exception, match="constructor"):
+    path.write_text(f"student: !!python/object/apply:os.makedirs ['{tmp_path / 'pwned'}']\n")
+    with pytest.raises(ConfigError, match=r"evil.yaml': the tag '!!python/object/apply:os.makedirs' at line 1"):
         load_config(path)
+    assert not (tmp_path / "pwned").exists()  # no code from the file ran
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -179,3 +179,8 @@ def test_vit_image_size_and_attention_tap() -> None:
     assert maps[0].shape == (2, 4, 50, 50)
     assert torch.allclose(maps[0].sum(-1), torch.ones(2, 4, 50))
     assert model.stages == ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
+
+
+def test_an_unknown_model_argument_names_the_model_and_the_nearest_argument():
+    with pytest.raises(TypeError, match=r"model 'mlp' has no argument 'hiden'.*did you mean: hidden"):
+        create_model("mlp", in_channels=1, num_classes=10, hiden=3)

@@ -1,4 +1,4 @@
-"""The ``fisherkd`` command line: train, eval, methods, demo."""
+"""The ``fisherkd`` command line: train, eval, methods, demo, export."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fisherkd.config import ConfigError, load_config
+from fisherkd.config import load_config, read_yaml
 from fisherkd.engine.distributed import is_main
+from fisherkd.errors import UserError
 
 console = Console()
 
@@ -21,6 +24,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from fisherkd.run import train
 
     config = load_config(args.config, args.overrides)
+    if args.resume and not (Path(args.resume) / "checkpoints" / "last.pt").is_file():
+        raise UserError(  # checked before train() writes the new config.yaml into that directory
+            f"--resume {args.resume!r}: no checkpoints/last.pt there, so nothing to continue; give the directory of "
+            "an interrupted run (output_dir/name)"
+        )
     summary = train(config, run_dir=args.resume, resume=bool(args.resume))
     if is_main():  # under torchrun, one summary
         console.print_json(json.dumps(summary))
@@ -40,8 +48,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
+    from fisherkd.core import nearest
     from fisherkd.methods import available, describe
 
+    families = {describe(name)["family"] for name in available()}
+    if args.family is not None and args.family not in families:
+        raise KeyError(f"unknown method family {args.family!r}; {nearest(args.family, families)}")
     rows = [describe(name) for name in available(args.family)]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -50,36 +62,37 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(methods_markdown(rows))
         return
     table = Table(title="FisherKD methods")
-    for column in ("name", "family", "loss weight", "Fisher axes", "defaults", "paper"):
+    for column in ("name", "family", "layer pairs", "loss weight", "Fisher axes", "defaults", "paper"):
         table.add_column(column)
     for row in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items())
-        axes = ", ".join(row["fisher_axes"]) or "-"
-        table.add_row(row["name"], row["family"], f"{row['default_weight']:g}", axes, defaults, row["paper"])
+        axes, pairs = ", ".join(row["fisher_axes"]) or "-", ", ".join(row["pairs"]) or "-"
+        table.add_row(row["name"], row["family"], pairs, f"{row['default_weight']:g}", axes, defaults, row["paper"])
     console.print(table)
 
 
 def methods_markdown(rows: list[dict]) -> str:
     """The README's method table, generated from the registry."""
-    lines = ["| method | family | loss weight | Fisher axes | defaults | paper |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | family | layer pairs | loss weight | Fisher axes | defaults | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         defaults = ", ".join(f"{k}={v}" for k, v in row["defaults"].items()) or "-"
         axes = ", ".join(row["fisher_axes"]) or "-"
+        pairs = ", ".join(row["pairs"]) or "-"
         lines.append(
-            f"| `{row['name']}` | {row['family']} | {row['default_weight']:g} | {axes} | {defaults} | {row['paper']} |"
+            f"| `{row['name']}` | {row['family']} | {pairs} | {row['default_weight']:g} | {axes} | {defaults} "
+            f"| {row['paper']} |"
         )
     return "\n".join(lines)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    import yaml
-
     from fisherkd.compare import run_compare
 
     path = Path(args.config)
-    if not path.exists():
-        raise ConfigError(f"compare file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "compare file")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     output = Path(args.output) if args.output else Path("runs") / f"compare-{path.stem}"
     run_compare(raw, output, seeds=args.seeds, methods=methods, overrides=args.overrides, resume=args.resume)
@@ -91,8 +104,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(output_dir=Path(args.output), seeds=args.seeds, overrides=args.overrides)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from fisherkd.export import export_run
+
+    manifest = export_run(args.run_dir, args.output, args.format, args.checkpoint, args.device)
+    checked = ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in manifest["verification"].items())
+    files = ", ".join(manifest["files"].values())
+    console.print(f"exported {manifest['run_dir']} ({args.checkpoint}.pt) to {manifest['output']}: {files}")
+    console.print(f"verified (test accuracy): {checked}; model card {manifest['output']}/README.md")
+    for fmt, reason in manifest["skipped"].items():
+        console.print(f"[yellow]not exported: {fmt} ({reason})[/yellow]")
+    if manifest["missing_teacher"]:
+        console.print(f"[yellow]no teacher metrics or timing: {manifest['missing_teacher']}[/yellow]")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake raised as a :class:`UserError` so that it prints in one line like the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fisherkd", description="Knowledge distillation with Fisher weighting.")
+    parser = Parser(prog="fisherkd", description="Knowledge distillation with Fisher weighting.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a student from a YAML config")
@@ -109,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="curves, CKA, attention-map IoU and error inheritance of a run")
     report.add_argument("run_dir")
     report.add_argument("--checkpoint", default="last", choices=["last", "best"])
-    report.add_argument("--samples", type=int, default=256, help="test samples for CKA and attention maps")
+    report.add_argument("--samples", type=positive_int, default=256, help="test samples for CKA and attention maps")
     report.set_defaults(func=cmd_report)
 
     methods = sub.add_parser("methods", help="list the registered distillation methods")
@@ -122,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("config", help="a run config, optionally with variants: and compare: blocks")
     compare.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     compare.add_argument("--methods", help="comma-separated method names, each compared with scratch")
-    compare.add_argument("--seeds", type=int, default=3)
+    compare.add_argument("--seeds", type=positive_int, default=3)
     compare.add_argument("--output", help="default: runs/compare-<config name>")
     compare.add_argument(
         "--resume", action="store_true", help="reuse the finished runs in --output and continue interrupted ones"
@@ -131,21 +172,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="distil a 1-D CNN into an MLP on MNIST-1D and compare methods")
     demo.add_argument("--output", default="runs/demo", help="where the runs, table and plots go")
-    demo.add_argument("--seeds", type=int, default=2)
+    demo.add_argument("--seeds", type=positive_int, default=2)
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     demo.set_defaults(func=cmd_demo)
+
+    export = sub.add_parser("export", help="the student alone as safetensors/ONNX/TorchScript, verified, with a card")
+    export.add_argument("run_dir", help="a run, or a demo/compare output folder (then its most accurate run)")
+    export.add_argument(
+        "--checkpoint", default="last", choices=["last", "best"], help="best.pt is chosen on the test split"
+    )
+    export.add_argument("--format", default="safetensors,onnx,torchscript", help="comma-separated formats")
+    export.add_argument("--output", help="default: RUN_DIR/export")
+    export.add_argument("--device", default="auto", help="where teacher and student are timed for the card")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
+# Errors about the input (files, names, options, data, checkpoints) print as their message alone.
+INPUT_ERRORS = (UserError, ValueError, TypeError, KeyError, OSError, ImportError, RuntimeError, yaml.YAMLError)
+
+
+def error_line(err: Exception) -> str:
+    """``err`` in one line: its message (a KeyError's without quotes) with whitespace collapsed, else its type; an
+    error that is not about the input (a bug) also names its type and how to get the traceback."""
+    text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    text = text if len(text) <= 600 else text[:600] + " ..."
+    if isinstance(err, INPUT_ERRORS):
+        return text
+    return f"{text} ({type(err).__name__}, an internal error: FISHERKD_DEBUG=1 shows the traceback for a bug report)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every error ends as one line on stderr, ``error: ...``, and exit status 2;
+    ``FISHERKD_DEBUG=1`` re-raises it with its traceback."""
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except (ConfigError, KeyError, FileNotFoundError, ValueError, TypeError, ImportError) as err:
+    except Exception as err:  # the CLI's boundary: a traceback is for FISHERKD_DEBUG=1 only
         if os.environ.get("FISHERKD_DEBUG"):
             raise
-        message = err.args[0] if err.args else str(err)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0
 

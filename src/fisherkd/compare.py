@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from fisherkd.config import ConfigError, RunConfig, build_config
+from fisherkd.config import ConfigError, RunConfig, build_config, format_validation_error, read_yaml
 from fisherkd.data import DataSplits, FolderSplits, load_splits
 from fisherkd.engine.trainer import make_progress
 from fisherkd.methods.base import method_class
@@ -75,14 +74,25 @@ def method_recipe(name: str, options: CompareOptions, num_train: int) -> list[di
 
 
 def build_variants(raw: dict[str, Any], methods: list[str] | None, num_train: int) -> dict[str, dict[str, Any]]:
-    options = CompareOptions(**raw.get("compare", {}))
+    try:
+        options = CompareOptions.model_validate(raw.get("compare") or {})
+    except ValidationError as err:
+        raise ConfigError(f"compare block: {format_validation_error(err, CompareOptions)}") from None
+    given = raw.get("variants") or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"variants must be a mapping of name: {{overrides}}, not a {type(given).__name__}")
+    for name, variant in given.items():
+        if not isinstance(variant, dict):
+            raise ConfigError(
+                f"variant {name!r} must be a mapping of config keys (e.g. methods: [...]), not {variant!r}"
+            )
     variants: dict[str, dict[str, Any]] = {}
     if methods:
         variants = {"scratch": {"methods": [{"name": "ce"}]}}
         variants |= {m: {"methods": method_recipe(m, options, num_train)} for m in methods if m != "scratch"}
-    if clash := sorted(variants.keys() & (raw.get("variants") or {}).keys()):
+    if clash := sorted(variants.keys() & given.keys()):
         raise ConfigError(f"variants {clash} are also --methods recipes: rename them in the compare file")
-    variants |= raw.get("variants") or {}
+    variants |= given
     if not variants:
         raise ConfigError("nothing to compare: give --methods a,b,c or a variants: block in the compare file")
     return variants
@@ -110,7 +120,7 @@ def train_or_resume(
     """
     run_dir = runs_dir / config.name
     if (run_dir / "config.yaml").exists():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        saved = read_yaml(run_dir / "config.yaml", "run config")
         if saved != config.model_dump(mode="json"):
             raise ConfigError(
                 f"{run_dir} was made from a different config: remove it, or compare into another --output"
@@ -137,6 +147,8 @@ def run_compare(
 
     With ``resume``, runs already in ``output_dir/runs`` are reused or continued (see :func:`train_or_resume`).
     """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output {str(output_dir)!r} is a file: give a directory for the runs and the table")
     raw = dict(raw)
     base_raw = {k: v for k, v in raw.items() if k not in ("variants", "compare")}
     base_raw["output_dir"] = str(output_dir / "runs")

@@ -12,13 +12,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fisherkd.core import nearest
 from fisherkd.data.augment import AugmentConfig
 from fisherkd.distiller import MethodSpec
-from fisherkd.core import nearest
+from fisherkd.errors import UserError
 from fisherkd.methods.base import method_class
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, reported in one line with the key path."""
 
 
@@ -63,10 +64,35 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
 
 
+class FromTeacherConfig(Strict):
+    """A student pruned from the run's teacher (``fisherkd.prune``): its top structures by importance on
+    ``calibration`` training samples, rebuilt as a smaller model of the teacher's family with the kept weights."""
+
+    width: float = Field(0.5, gt=0, le=1, description="kept fraction of every width (neurons, channels, heads, hidden)")
+    heads: float | None = Field(None, gt=0, le=1, description="kept fraction of attention heads (default: width)")
+    neurons: float | None = Field(None, gt=0, le=1, description="kept fraction of MLP neurons / channels (width)")
+    hidden: float | None = Field(None, gt=0, le=1, description="kept fraction of hidden channels (default: width)")
+    layers: int | None = Field(None, ge=1, description="blocks kept (default: all)")
+    importance: Literal["fisher", "empirical", "activation", "weight", "random"] = "fisher"
+    layer_importance: Literal["fisher", "empirical", "activation", "weight", "random", "block", "removal"] = "block"
+    calibration: int = Field(512, ge=1, description="training samples the importance is measured on")
+    seed: int = Field(0, description="seed of the calibration sample, the sampled labels and random importance")
+
+
 class StudentConfig(ModelConfig):
+    name: str | None = Field(None, description="zoo name; leave out with from_teacher (the teacher's family)")
     dual_head: str | None = Field(
         None, description="dual-head KD: the student's head module (e.g. head) gets a twin, tapped as <head>.distill"
     )
+    from_teacher: FromTeacherConfig | None = Field(
+        None, description="prune the run's teacher into the student (fewer channels / heads / layers, kept weights)"
+    )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> StudentConfig:
+        if self.name is None and self.from_teacher is None:
+            raise ValueError("the student needs a zoo name, or from_teacher: {width: 0.5} to prune the teacher")
+        return self
 
 
 class TeacherConfig(ModelConfig):
@@ -155,6 +181,15 @@ class RunConfig(Strict):
                 raise ValueError(f"methods.{i}: {err.args[0]}") from None
             if method_class(spec.name).needs_teacher and self.teacher is None:
                 raise ValueError(f"methods.{i}: method {spec.name!r} needs a teacher: add a teacher: block")
+        if self.student.from_teacher is not None:
+            teacher = self.teacher.name if self.teacher else None
+            if teacher is None:
+                raise ValueError("student.from_teacher prunes the teacher: add a teacher: {name: ...} (one model)")
+            if self.student.name not in (None, teacher):
+                raise ValueError(
+                    f"student.name {self.student.name!r}: a student pruned from the teacher is a {teacher!r}; "
+                    "leave student.name out"
+                )
         return self
 
 
@@ -177,11 +212,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
-        parsed.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: {yaml_problem(err)} (quote the value)") from err
+        parsed.append((key.strip(), value))
     return parsed
 
 
-def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
+def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
     where = ".".join(loc) or "config"
@@ -204,20 +243,67 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None) -> Run
     for key, value in parse_overrides(overrides or []):
         try:
             set_by_path(raw, key, value)
-        except (IndexError, ValueError, TypeError):
+        except (IndexError, ValueError, TypeError, AttributeError):
             raise ConfigError(f"override {key!r}: no such list element or key path") from None
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, RunConfig)) from None
+        raise ConfigError(format_validation_error(err, RunConfig)) from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What the YAML parser objected to and where, in one line."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return f"not valid YAML: {' '.join(str(err).split()) or type(err).__name__}"
+    mark = err.problem_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = err.problem or err.context or type(err).__name__
+    if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:  # e.g. !!python/object/apply
+        tag = problem.rpartition(" ")[2].replace("tag:yaml.org,2002:", "!!")
+        return f"the tag {tag}{where} is refused: YAML is read with yaml.safe_load (plain values, no Python objects)"
+    return f"not valid YAML: {problem}{where}"
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping in a YAML file, read with ``yaml.safe_load``. A file that is missing, unreadable, not YAML, empty
+    or not a mapping raises a one-line :class:`ConfigError` naming it (``what`` says which file it is)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a directory: give the path of a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {str(path)!r}: {yaml_problem(err)}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read {what} {str(path)!r}: {getattr(err, 'strerror', None) or err}") from err
+    if raw is None:
+        raise ConfigError(f"{what} {str(path)!r} is empty: a run config needs at least student: {{name: ...}}")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{what} {str(path)!r} must hold a mapping (key: value lines) at the top level, not a {type(raw).__name__}"
+        )
+    return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config with ``yaml.safe_load``, apply ``key=value`` overrides and validate it."""
-    path = Path(path)
+    return build_config(read_yaml(path), overrides)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run saved as ``run_dir/config.yaml``; problems are one-line errors naming the file."""
+    run_dir = Path(run_dir)
+    made_by = "give the directory `fisherkd train` made (output_dir/name)"
+    if not run_dir.is_dir():
+        state = "is a file" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"run directory {str(run_dir)!r} {state}: {made_by}")
+    path = run_dir / "config.yaml"
     if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return build_config(raw, overrides)
+        raise ConfigError(f"{str(run_dir)!r} has no config.yaml, so it is not a run directory: {made_by}")
+    raw = read_yaml(path, "run config")
+    try:
+        return build_config(raw)
+    except ConfigError as err:
+        raise ConfigError(f"run config {str(path)!r}: {err}") from None

@@ -18,13 +18,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from fisherkd import functional as Fn
-from fisherkd.config import RunConfig
-from fisherkd.data import load_splits, make_loader
+from fisherkd.config import load_run_config
 from fisherkd.core import model_logits
+from fisherkd.data import load_splits, make_loader
 from fisherkd.taps import Taps
 
 
@@ -131,9 +130,9 @@ def write_report(run_dir: str | Path, samples: int = 256, checkpoint: str = "las
     from fisherkd.run import rebuild_distiller
 
     run_dir = Path(run_dir)
+    config = load_run_config(run_dir)  # before writing anything into run_dir
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    config = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     splits = load_splits(config.data)
     distiller = rebuild_distiller(run_dir, config, splits, checkpoint).cpu().eval()
     student, teacher = distiller.student, distiller.teacher

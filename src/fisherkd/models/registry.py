@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +52,15 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, **kwarg
         return _create_external(source, external, in_channels, num_classes, **kwargs)
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; {nearest(name, _MODELS)} (or timm:NAME, torchvision:NAME)")
-    return _MODELS[name](in_channels=in_channels, num_classes=num_classes, **kwargs)
+    constructor = _MODELS[name]
+    parameters = inspect.signature(constructor).parameters
+    accepted = [k for k, p in parameters.items() if k not in ("in_channels", "num_classes") and p.kind != p.VAR_KEYWORD]
+    forwards = any(p.kind == p.VAR_KEYWORD for p in parameters.values())  # passes the rest on: let it decide
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown and not forwards:
+        valid = nearest(unknown[0], accepted) if accepted else "it takes none"
+        raise TypeError(f"model {name!r} has no argument {unknown[0]!r} (in its kwargs); {valid}")
+    return constructor(in_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
 def _create_external(source: str, name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
