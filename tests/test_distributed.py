@@ -26,7 +26,11 @@ def train_once(run_dir) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     teacher = create_model("cnn1d", 1, 4)
     student = create_model("mlp", 1, 4, hidden=(32,))
     specs = [{"name": "ce", "weight": 0.5}, {"name": "kd", "weight": 0.5},
-             {"name": "fitnet", "weight": 1.0, "pairs": [["features", "features"]]}]
+             {"name": "fitnet", "weight": 1.0, "pairs": [["features", "features"]]},
+             # a memory bank (a buffer, which DDP broadcasts from rank 0) written with every rank's rows
+             {"name": "crd", "pairs": [["features", "features"]], "num_data": 128, "nce_k": 16, "embed_dim": 8},
+             # a queue: the order of its rows is the global batch's order
+             {"name": "crd", "pairs": [["features", "features"]], "num_data": 128, "queue_size": 48, "embed_dim": 8}]
     distiller = Distiller(student, teacher, specs, example_input=torch.zeros(2, 40))
     config = TrainConfig(epochs=2, batch_size=32, log_every=2, optimizer={"name": "sgd", "lr": 0.1})
     trainer = Trainer(distiller, splits(), config, device="cpu", seed=3, run_dir=run_dir)
@@ -58,7 +62,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert len(halves[0]) == len(halves[1]) == 16
     assert sorted(torch.cat(halves).tolist()) == sorted(global_batch.tolist())
     rank0, rank1 = rank0["weights"], rank1["weights"]
-    for key, value in single.items():
+    assert {"methods.3.student_memory", "methods.4.teacher_memory", "methods.4.queue_pointer"} <= set(single)
+    for key, value in single.items():  # weights and CRD's memory: every row written by either rank is in both
         assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps the replicas identical
         assert torch.allclose(rank0[key], value, atol=1e-5), key
     # only rank 0 wrote checkpoints (into the shared run directory), and they are complete

@@ -10,6 +10,7 @@ from fisherkd.data import ArrayDataset, DataSplits, make_loader
 from fisherkd.distiller import Distiller
 from fisherkd.engine import Trainer, load_checkpoint
 from fisherkd.engine.schedule import lr_factor, lr_factor_tensor
+from fisherkd.errors import CheckpointError
 from fisherkd.run import train
 from fisherkd.tracking import read_metrics
 
@@ -168,6 +169,7 @@ def test_the_device_learning_rate_trains_as_a_host_scheduler_does(optimizer):
 def test_the_training_step_reads_nothing_on_the_host(monkeypatch):
     # What a captured step needs: between two log intervals nothing leaves the device (no .item(), no bool of a
     # tensor), with a schedule, augmentation, a memory-bank method and Fisher weights in the step.
+    torch.manual_seed(0)  # unseeded, some initialisations made FitNet diverge at lr 0.05, which now stops the run
     splits = toy_splits()
     teacher = torch.nn.Sequential(torch.nn.Linear(40, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     student = torch.nn.Sequential(torch.nn.Linear(40, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
@@ -179,7 +181,7 @@ def test_the_training_step_reads_nothing_on_the_host(monkeypatch):
     ]
     distiller = Distiller(student, teacher, methods, splits.train.x[:2])
     config = TrainConfig(epochs=2, batch_size=16, log_every=100, eval_every=100, schedule={"warmup_epochs": 1},
-                         augment={"noise": 0.1, "mixup_alpha": 0.5})
+                         augment={"noise": 0.1, "mixup_alpha": 0.5}, optimizer={"name": "sgd", "lr": 0.01})
     trainer = Trainer(distiller, splits, config, device="cpu")
     steps = []
 
@@ -218,5 +220,5 @@ def test_checkpoints_load_with_weights_only(tmp_path):
             return (print, ("code ran",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(CheckpointError, match=r"holds Python objects \(print\)"):
         load_checkpoint(tmp_path / "evil.pt")

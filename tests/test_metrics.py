@@ -37,3 +37,19 @@ def test_fidelity_on_a_hand_made_case():
     log_t, log_s = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
     kl = sum((log_t[n].exp() * (log_t[n] - log_s[n])).sum().item() for n in range(4)) / 4
     assert abs(values["kl"] - kl) < 1e-6
+
+
+def test_rows_with_non_finite_logits_are_never_right():
+    # argmax of a NaN row is index 0 on CPU: with label 0 it used to count as correct (a NaN model scored 100%)
+    nan, inf = float("nan"), float("inf")
+    student = torch.tensor([[nan, nan], [nan, 0.0], [1.0, inf], [3.0, 0.0]])
+    teacher = torch.tensor([[nan, nan], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    target = torch.tensor([0, 0, 1, 0])
+    meter = FidelityMeter()
+    meter.update(student, target, teacher)
+    values = meter.compute()
+    # only the last row is finite in both models: the student is right there and agrees with the teacher
+    assert values["accuracy"] == 0.25
+    assert values["agreement"] == 0.25
+    assert values["teacher_accuracy"] == 0.75  # the teacher's NaN row is wrong, its other three are right
+    assert abs(values["agreement_teacher_right"] - 1 / 3) < 1e-6

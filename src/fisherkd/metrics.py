@@ -7,11 +7,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def predictions_right(logits: Tensor, reference: Tensor) -> Tensor:
+    """Whether each row's top-1 class is ``reference`` (labels, B). A row with any non-finite logit is wrong: the
+    argmax of a NaN row is an arbitrary index (0 on CPU), which would otherwise count as a prediction."""
+    return (logits.argmax(-1) == reference) & logits.isfinite().all(-1)
+
+
 def expected_calibration_error(logits: Tensor, target: Tensor, bins: int = 15) -> Tensor:
     """ECE with equal-width confidence bins, each bin weighted by its share of samples (Guo et al. 2017)."""
     probs = F.softmax(logits.float(), dim=-1)
     confidence, prediction = probs.max(-1)
-    correct = (prediction == target).float()
+    correct = ((prediction == target) & logits.isfinite().all(-1)).float()
     # bin b holds confidences in (b/bins, (b+1)/bins]; confidence is always > 0
     which = (confidence * bins).ceil().long().clamp(1, bins) - 1
     conf_sum = torch.zeros(bins, device=logits.device).index_add_(0, which, confidence)
@@ -38,14 +44,15 @@ class FidelityMeter:
         student = torch.cat(self.student_logits)
         target = torch.cat(self.targets)
         values = {
-            "accuracy": (student.argmax(-1) == target).float().mean(),
+            "accuracy": predictions_right(student, target).float().mean(),
             "ece": expected_calibration_error(student, target),
         }
         if self.teacher_logits:
             teacher = torch.cat(self.teacher_logits)
             log_p_s, log_p_t = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
-            agree = student.argmax(-1) == teacher.argmax(-1)
-            teacher_right = teacher.argmax(-1) == target
+            # rows where either model has a non-finite logit agree with nothing
+            agree = predictions_right(student, teacher.argmax(-1)) & teacher.isfinite().all(-1)
+            teacher_right = predictions_right(teacher, target)
             values |= {
                 "teacher_accuracy": teacher_right.float().mean(),
                 "agreement": agree.float().mean(),

@@ -50,3 +50,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's slice of the global batch, back in global-batch order (a no-op in one process).
+
+    The loaders give rank r rows r, r + W, r + 2W, … of each global batch, so row j of rank r is global row
+    j·W + r: the gathered slices are interleaved, not concatenated. Every rank's slice must have the same shape (the
+    engine requires a batch size divisible by the number of processes). No gradient flows through the gather.
+    """
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts, 1).flatten(0, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fisherkd.config import TrainConfig
-from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
 from fisherkd.core import model_logits
+from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
 from fisherkd.distiller import Distiller
-from fisherkd.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fisherkd.engine.checkpoint import load_checkpoint, load_weights, rng_state, save_atomic, set_rng_state
 from fisherkd.engine.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from fisherkd.engine.schedule import lr_factor, lr_factor_tensor
 from fisherkd.metrics import FidelityMeter
@@ -53,6 +54,35 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, lr: float | 
     return cls(params, lr=lr, weight_decay=opt.weight_decay, fused=fused)
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss term or the gradient norm became NaN or infinite. Raised at the metrics read that first sees it,
+    before any checkpoint is written, so the last checkpoint on disk is the last good one."""
+
+
+def load_distiller_state(distiller: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a checkpoint's distiller state (resume, evaluation, reports, export), refusing in one line one written
+    for another model or config. A frozen teacher is not checkpointed (it comes from its own checkpoint or the
+    cache), and the clock's step is set from the checkpoint's ``step`` (runs from before the clock lack it)."""
+    load_weights(distiller, state, path, "distiller", optional=("teacher.", "clock."))
+
+
+NONFINITE_GRAD = "nonfinite_grad_steps"  # a metric sum: steps whose gradient norm was NaN or infinite
+
+
+def divergence(values: dict[str, float], loss_keys: dict[str, None]) -> str | None:
+    """What went non-finite in an interval's metric sums (a NaN or inf in any step stays in the sum), or None."""
+    terms = [k for k in loss_keys if k != "loss" and not math.isfinite(values[k])]
+    if len(terms) == 1:
+        return f"loss term {terms[0]!r} is {values[terms[0]]}"
+    if terms:
+        return "loss terms " + ", ".join(f"{k!r} ({values[k]})" for k in terms) + " are not finite"
+    if "loss" in loss_keys and not math.isfinite(values["loss"]):
+        return f"the total loss is {values['loss']}"
+    if skipped := values.get(NONFINITE_GRAD):
+        return f"the gradient norm is NaN or infinite in {skipped:.0f} step(s) (their updates were skipped)"
+    return None
+
+
 @torch.no_grad()
 def evaluate(
     distiller: Distiller, splits: DataSplits | FolderSplits, batch_size: int = 1000, amp: str = "auto"
@@ -62,10 +92,11 @@ def evaluate(
     distiller.eval()
     device = next(distiller.student.parameters()).device
     meter = FidelityMeter()
+    predictor = distiller.inference_model()  # the student, or what a method built around it (SimKD)
     loader = make_loader(splits, "test", batch_size, shuffle=False, drop_last=False, device=device)
     with autocast(device, amp):
         for batch in loader.epoch(0):
-            student_logits = model_logits(distiller.student(batch.x))
+            student_logits = model_logits(predictor(batch.x))
             teacher_logits = distiller.teacher_forward(batch.x) if distiller.teacher is not None else None
             meter.update(student_logits, batch.y, teacher_logits)
     distiller.train(was_training)
@@ -108,6 +139,11 @@ class Trainer:
         if config.compile:
             self.distiller.student.compile()
         distributed = init_distributed()
+        if config.batch_size % world_size():  # every rank must hold an equal slice of each global batch
+            raise ValueError(
+                f"train.batch_size={config.batch_size} does not split evenly over {world_size()} processes: use a "
+                f"multiple of {world_size()}"
+            )
         self.loader = make_loader(
             splits, "train", config.batch_size, shuffle=True, seed=seed, device=self.device,
             rank=rank(), world_size=world_size(),
@@ -124,12 +160,15 @@ class Trainer:
         # The step counter and the learning rate live on the device and are advanced inside the step: no host
         # value enters it, so it can be captured whole (a CUDA graph) and still follow the schedule.
         self.step = 0
-        self.step_tensor = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.distiller.clock.configure(self.steps_per_epoch)
+        self.step_tensor = self.distiller.clock.step  # advanced by distiller.after_optimizer_step()
         self.lr = torch.zeros((), device=self.device)
         self.optimizer = make_optimizer(distiller.trainable_parameters(), config, self.lr)
         self._set_lr()
         self.best_accuracy = -1.0
         self.history: list[dict[str, Any]] = []
+        self._loss_keys: dict[str, None] = {}  # the metric sums that are losses (in order), checked for divergence
+        self._read_step = 0
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -147,12 +186,8 @@ class Trainer:
         barrier()  # nobody reads a checkpoint before rank 0 has renamed it into place
 
     def load(self, path: str | Path) -> None:
-        state = load_checkpoint(path, self.device)
-        missing, unexpected = self.distiller.load_state_dict(state["distiller"], strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {str(path)!r} does not fit this model: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
+        state = load_checkpoint(path, self.device, keys=("distiller", "optimizer", "step"))
+        load_distiller_state(self.distiller, state["distiller"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.step_tensor.fill_(self.step)
@@ -182,6 +217,7 @@ class Trainer:
             self._drop_rows_after_checkpoint()
         config, accum = self.config, self.config.grad_accum
         sums: dict[str, torch.Tensor] = {}  # device-side, added to in place and zeroed after each log
+        self._read_step = self.step  # the last step whose metrics were read
         batches = samples = 0
         started = time.perf_counter()
         own_progress = self._progress is None
@@ -197,45 +233,85 @@ class Trainer:
                     x, y = augment(batch.x, batch.y, config.augment)
                     if self.channels_last and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    epoch_progress = self.step_tensor / self.steps_per_epoch
                     with autocast(self.device, config.amp):
-                        out = self.model(x, y, index=batch.index, epoch=epoch_progress)
+                        out = self.model(x, y, index=batch.index)
                     (out.loss / accum).backward()
                     correct = ("correct", (out.logits.argmax(-1) == y).sum())
                     for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items(), correct]:
                         if key not in sums:
                             sums[key] = torch.zeros((), device=self.device)
+                            if key == "loss" or key in out.losses:
+                                self._loss_keys[key] = None
                         sums[key].add_(value.detach().float())
                     batches += 1
                     samples += len(y)
                     if (i + 1) % accum:
                         continue
-                    if config.grad_clip:
-                        nn.utils.clip_grad_norm_(self.distiller.trainable_parameters(), config.grad_clip)
-                    self.optimizer.step()
+                    self._optimizer_step(sums)
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.step_tensor.add_(1)
-                    self._set_lr()
                     self.distiller.after_optimizer_step()
+                    self._set_lr()
                     self.step += 1
                     if self.step % config.log_every == 0 or self.step % self.steps_per_epoch == 0:
                         self._log_train(sums, batches, samples, progress, task)
                         batches = samples = 0
                         for total in sums.values():
                             total.zero_()
+                    epoch_done = self.step % self.steps_per_epoch == 0
+                    if epoch_done:  # evaluated (and checkpointed) before a stop at the same step
+                        self._end_of_epoch(self.step // self.steps_per_epoch, progress, task)
                     if stop_after_steps is not None and self.step >= stop_after_steps:
+                        if batches:  # steps not read yet: a diverged state must not become the checkpoint
+                            self._read_metrics(sums, batches, samples)
                         self.save("last")
                         return {"stopped_at_step": self.step}
-                if self.step % self.steps_per_epoch == 0:
-                    self._end_of_epoch(self.step // self.steps_per_epoch, progress, task)
+                    if epoch_done:
+                        break
         return self._finish(time.perf_counter() - started)
 
-    def _log_train(self, sums: dict[str, torch.Tensor], batches: int, samples: int, progress: Progress, task: int):
+    def _optimizer_step(self, sums: dict[str, torch.Tensor]) -> None:
+        """Clip, then step unless the gradient norm is NaN or infinite. The check stays on the device: the fused
+        optimizers skip their update when ``found_inf`` is non-zero (as under a GradScaler), and the count of
+        skipped steps joins the metric sums, read at the next log. Parts written in the forward pass (batch-norm
+        statistics, memory banks) are not protected, but the run stops at that read, before any checkpoint."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.config.grad_clip:
+            finite = nn.utils.clip_grad_norm_(params, self.config.grad_clip).isfinite()
+        elif params:  # per-tensor norms: one pass over the gradients, no host read
+            finite = torch.stack(torch._foreach_norm([p.grad for p in params])).isfinite().all()
+        else:
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+        bad = (~finite).float()
+        if getattr(self.optimizer, "_step_supports_amp_scaling", False):  # the fused kernels read it
+            self.optimizer.found_inf = bad
+        if NONFINITE_GRAD not in sums:
+            sums[NONFINITE_GRAD] = torch.zeros((), device=self.device)
+        sums[NONFINITE_GRAD].add_(bad)
+        self.optimizer.step()
+
+    def _read_metrics(
+        self, sums: dict[str, torch.Tensor], batches: int, samples: int
+    ) -> tuple[dict[str, float], float, float]:
+        """Sum the interval's metrics over ranks and read them (the one sync of the interval); raise
+        :class:`TrainingDiverged` if a loss term or the gradient norm went non-finite since the last read."""
         counts = torch.tensor([batches, samples], device=self.device, dtype=torch.float32)
         reduced = all_reduce_sum(torch.cat([torch.stack([v.float() for v in sums.values()]), counts]))
-        *totals, batches, samples = reduced.tolist()  # the one sync of the interval
+        *totals, batches, samples = reduced.tolist()
         values = dict(zip(sums, totals))
-        row = {k: v / batches for k, v in values.items() if k != "correct"}
+        first, self._read_step = self._read_step + 1, self.step
+        if problem := divergence(values, self._loss_keys):
+            steps = f"step {self.step}" if first == self.step else f"steps {first}-{self.step}"
+            last = self.run_dir / "checkpoints" / "last.pt" if self.run_dir is not None else None
+            saved = f"last good checkpoint: {last}" if last is not None and last.exists() else "no checkpoint yet"
+            raise TrainingDiverged(
+                f"training diverged: {problem} at {steps} ({saved}); lower the learning rate or check the inputs "
+                "for NaN"
+            )
+        return values, batches, samples
+
+    def _log_train(self, sums: dict[str, torch.Tensor], batches: int, samples: int, progress: Progress, task: int):
+        values, batches, samples = self._read_metrics(sums, batches, samples)
+        row = {k: v / batches for k, v in values.items() if k not in ("correct", NONFINITE_GRAD)}
         row["train_accuracy"] = values["correct"] / samples
         row["lr"] = self.lr_at(self.step)  # the rate of the next step, as schedulers report it
         if self.tracker is not None:
@@ -253,9 +329,11 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log(self.step, metrics, "test")
         progress.update(task, info=f"test acc {metrics['accuracy']:.3f}")
+        improved = metrics["accuracy"] > self.best_accuracy
+        if improved:  # before last.pt is written: a resume from it must know the true best, or a worse model
+            self.best_accuracy = metrics["accuracy"]  # could replace best.pt
         self.save("last")
-        if metrics["accuracy"] > self.best_accuracy:
-            self.best_accuracy = metrics["accuracy"]
+        if improved:
             self.save("best")
 
     def _finish(self, seconds: float) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from fisherkd import functional as Fn
+from fisherkd.engine.distributed import all_gather_batch, all_reduce_sum, rank, world_size
 from fisherkd.methods.base import Hyperparameters, Method, MethodInputs, register
 from fisherkd.methods.features import check_built, sum_over_pairs
 
@@ -31,6 +32,7 @@ class RKD(Method):
     paper = "Park et al. CVPR 2019, arXiv:1904.05068"
     default_weight = 1.0
     min_pairs = 1
+    pair_kinds = ("vector", "map", "token")
 
     class Params(Hyperparameters):
         distance_weight: float = 25.0
@@ -54,6 +56,7 @@ class PKT(Method):
     paper = "Passalis & Tefas ECCV 2018, arXiv:1803.10837"
     default_weight = 30000.0
     min_pairs = 1
+    pair_kinds = ("vector", "map", "token")
 
     class Params(Hyperparameters):
         eps: float = 1e-7
@@ -75,6 +78,7 @@ class SP(Method):
     paper = "Tung & Mori ICCV 2019, arXiv:1907.09682"
     default_weight = 3000.0
     min_pairs = 1
+    pair_kinds = ("vector", "map", "token")
 
     class Params(Hyperparameters):
         pass
@@ -95,6 +99,7 @@ class CKA(Method):
     paper = "Kornblith et al. ICML 2019, arXiv:1905.00414"
     default_weight = 1.0
     min_pairs = 1
+    pair_kinds = ("vector", "map", "token")
 
     class Params(Hyperparameters):
         pass
@@ -118,6 +123,7 @@ class Relation(Method):
     paper = "Cai et al. ICCV 2025, arXiv:2410.16236"
     default_weight = 1.0
     min_pairs = 1
+    pair_kinds = ("token", "map")
 
     class Params(Hyperparameters):
         use_mask: bool = True
@@ -182,7 +188,8 @@ class CC(EmbeddingMethod):
     family = "relation"
     paper = "Peng et al. ICCV 2019, arXiv:1904.01802"
     default_weight = 0.02
-    min_pairs = 1
+    min_pairs = max_pairs = 1
+    pair_kinds = ("vector", "map", "token")
 
     class Params(EmbeddingParams):
         gamma: float = 0.4
@@ -209,14 +216,20 @@ class CRD(EmbeddingMethod):
     bank: positives are the other model's current (detached) embeddings, negatives every entry of a FIFO queue of
     past embeddings (K = ``queue_size``; ``nce_k`` is unused); ``num_data`` still sets the noise prior 1/N.
     The normaliser Z is estimated on the first batch and then fixed, as by the authors. Memory is updated only in
-    training mode; under DDP each rank updates its own copy.
+    training mode.
+
+    Under DDP every rank gathers the batch's indices and embeddings from all ranks and writes every rank's rows, so
+    all replicas of the memory stay equal to the memory of a one-process run with the same global batch (DDP's
+    broadcast of rank 0's buffers before each forward then changes nothing). For the same reason the negatives are
+    drawn for the global batch (each rank keeps its samples' rows) and the first batch's Z is averaged over ranks.
     """
 
     weight_axes = ("sample",)
     family = "relation"
     paper = "Tian et al. ICLR 2020, arXiv:1910.10699"
     default_weight = 0.8
-    min_pairs = 1
+    min_pairs = max_pairs = 1
+    pair_kinds = ("vector", "map", "token")
 
     class Params(EmbeddingParams):
         num_data: PositiveInt = Field(description="training-set size: one memory-bank row per dataset index")
@@ -249,7 +262,9 @@ class CRD(EmbeddingMethod):
         e_s, e_t = self.embed(inputs)
         if self.mode == "bank":
             index = self._check_index(inputs.index, e_s.shape[0])
-            negatives = torch.randint(h.num_data, (e_s.shape[0], h.nce_k), device=index.device)
+            # drawn for the global batch, each rank keeping its samples' rows: N processes draw what one process would
+            world = world_size()
+            negatives = torch.randint(h.num_data, (e_s.shape[0] * world, h.nce_k), device=index.device)[rank()::world]
             pos_t, neg_t = self.teacher_memory[index], self.teacher_memory[negatives]
             pos_s, neg_s = self.student_memory[index], self.student_memory[negatives]
         else:
@@ -260,7 +275,8 @@ class CRD(EmbeddingMethod):
             if self.normalizers[0] < 0:  # first batch: estimate Z once and keep it
                 z_s = Fn.crd_normalizer(e_s, pos_t, neg_t, num_data=h.num_data, temperature=h.temperature)
                 z_t = Fn.crd_normalizer(e_t, pos_s, neg_s, num_data=h.num_data, temperature=h.temperature)
-                self.normalizers.copy_(torch.stack([z_s, z_t]))
+                # each is a mean over this rank's samples (equal numbers on every rank): average them over ranks
+                self.normalizers.copy_(all_reduce_sum(torch.stack([z_s, z_t])) / world_size())
             self._normalizers_checked = True
         common = {"num_data": h.num_data, "temperature": h.temperature, "sample_weight": inputs.weights.get("sample")}
         loss = Fn.crd_nce(e_s, pos_t, neg_t, normalizer=self.normalizers[0], **common) + Fn.crd_nce(
@@ -286,8 +302,12 @@ class CRD(EmbeddingMethod):
 
     @torch.no_grad()
     def _update_memory(self, e_s: Tensor, e_t: Tensor, index: Tensor | None) -> None:
+        # every rank writes the rows of the whole global batch (a no-op gather in one process)
         if self.mode == "bank":
-            index = self._check_index(index, e_s.shape[0])
+            index = all_gather_batch(self._check_index(index, e_s.shape[0]))
+        e_s = all_gather_batch(e_s.to(self.student_memory.dtype))
+        e_t = all_gather_batch(e_t.to(self.teacher_memory.dtype))
+        if self.mode == "bank":
             m = self.hparams.momentum
             for memory, embedding in ((self.student_memory, e_s), (self.teacher_memory, e_t)):
                 memory[index] = F.normalize(m * memory[index] + (1 - m) * embedding.to(memory.dtype), dim=1)
