@@ -74,7 +74,7 @@ def test_adapters_are_built_from_shapes_owned_and_saved():
     conv, linear = distiller.adapters["m0_p0"], distiller.adapters["m0_p1"]
     assert isinstance(conv, nn.Conv2d) and (conv.in_channels, conv.out_channels) == (8, 16)
     assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (8, 16)
-    state = distiller.student_state_dict()
+    state = distiller.training_state_dict()
     assert "adapters.m0_p0.weight" in state and not any(k.startswith("teacher.") for k in state)
     trainable = {id(p) for p in distiller.trainable_parameters()}
     assert id(conv.weight) in trainable

@@ -36,7 +36,7 @@ def train_once(run_dir) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     trainer = Trainer(distiller, splits(), config, device="cpu", seed=3, run_dir=run_dir)
     first_batch = next(iter(trainer.loader.epoch(0))).index
     trainer.fit()
-    return {k: v.clone() for k, v in distiller.student_state_dict().items()}, first_batch
+    return {k: v.clone() for k, v in distiller.training_state_dict().items()}, first_batch
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:

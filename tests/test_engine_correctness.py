@@ -173,9 +173,9 @@ def test_rebuilding_a_run_from_a_checkpoint_of_another_model_is_a_clear_error(tm
     checkpoints.mkdir()
     torch.manual_seed(1)
     saved = Distiller(build_student(config(16).student, splits), None, ["ce"])
-    torch.save({"distiller": saved.student_state_dict()}, checkpoints / "right.pt")
-    rebuilt = rebuild_distiller(tmp_path, config(16), splits, "right").student_state_dict()
-    assert all(torch.equal(rebuilt[k], v) for k, v in saved.student_state_dict().items())
+    torch.save({"distiller": saved.training_state_dict()}, checkpoints / "right.pt")
+    rebuilt = rebuild_distiller(tmp_path, config(16), splits, "right").training_state_dict()
+    assert all(torch.equal(rebuilt[k], v) for k, v in saved.training_state_dict().items())
     # the bare model's state (no "student." prefix), a likely mix-up: it used to load nothing, silently
     torch.save({"distiller": saved.student.state_dict()}, checkpoints / "bare.pt")
     with pytest.raises(CheckpointError, match=r"^checkpoint '.*bare.pt' does not fit the distiller: .* missing from "
@@ -183,6 +183,6 @@ def test_rebuilding_a_run_from_a_checkpoint_of_another_model_is_a_clear_error(tm
         rebuild_distiller(tmp_path, config(16), splits, "bare")
     # a student of another width: one line naming the key and both shapes (it was a multi-line RuntimeError)
     narrow = Distiller(build_student(config(8).student, splits), None, ["ce"])
-    torch.save({"distiller": narrow.student_state_dict()}, checkpoints / "narrow.pt")
+    torch.save({"distiller": narrow.training_state_dict()}, checkpoints / "narrow.pt")
     with pytest.raises(CheckpointError, match=r"'student\.\S+' is \(8, 40\) in the file but \(16, 40\) in the model"):
         rebuild_distiller(tmp_path, config(16), splits, "narrow")

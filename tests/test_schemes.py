@@ -92,7 +92,7 @@ def test_ema_teacher_follows_the_formula_and_is_never_touched_by_the_optimizer()
         assert all(torch.equal(t, s) for t, s in zip(teacher.model.buffers(), student.buffers()))
         assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert not teacher.training and not torch.equal(teacher.model.head.weight, student.head.weight)
-    assert any(k.startswith("teacher.model.") for k in distiller.student_state_dict())
+    assert any(k.startswith("teacher.model.") for k in distiller.training_state_dict())
     distiller.close()
 
 

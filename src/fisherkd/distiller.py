@@ -356,9 +356,11 @@ class Distiller(nn.Module):
         if self.teacher_taps is not None:
             self.teacher_taps.close()
 
-    def student_state_dict(self) -> dict[str, Tensor]:
-        """Everything trainable that a checkpoint must keep: the state without the (frozen, cached) teacher, unless
-        the teacher changes during training and says so with ``checkpointed = True`` (an EMA of the student)."""
+    def training_state_dict(self) -> dict[str, Tensor]:
+        """What a training checkpoint keeps: the student, adapters, methods' parameters and buffers (memory banks),
+        Fisher statistics and the step clock; the teacher only when it changes during training and says so with
+        ``checkpointed = True`` (an EMA of the student). For the student alone, use ``distiller.student`` (or
+        ``fisherkd export``)."""
         if getattr(self.teacher, "checkpointed", False):
             return self.state_dict()
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}

@@ -68,7 +68,7 @@ def test_updates_every_k_steps_on_a_fraction_and_freeze():
 def test_checkpoint_round_trip_restores_statistics_schedule_and_sampling(tmp_path):
     trained = channel_distiller(every=2)
     run_steps(trained, 5)
-    save_atomic({"distiller": trained.student_state_dict()}, tmp_path / "ckpt.pt")
+    save_atomic({"distiller": trained.training_state_dict()}, tmp_path / "ckpt.pt")
     weighter = trained.fisher["fitnet"]
     assert weighter.statistic.updates == 3 and weighter.step == 5
 

@@ -94,7 +94,7 @@ def test_every_importance_but_random_keeps_the_only_head_neuron_channel_and_laye
         hidden=1 / 16,
         layers=2,
         importance_method=method,
-        layer_importance=method if method != "weight" else "block",
+        layer_importance=method,
     )
     keep = {k: v.tolist() for k, v in pruned.keep.items()}
     assert keep["hidden"] == [9]
@@ -201,6 +201,11 @@ def test_block_importance_and_removal_loss_match_a_hand_computation():
             skipped = model(**batch, labels=labels).loss
             handle.remove()
             assert removal[i].item() == pytest.approx((skipped - full).item(), abs=1e-5)
+
+
+def test_keeping_more_layers_than_the_teacher_has_is_refused():
+    with pytest.raises(ValueError, match="layers=5: the teacher has 3 blocks, 0 of which change the shape and stay: keep 1 to 3"):
+        prune(tiny_llama(), [calibration()], layers=5, importance_method="weight")
 
 
 def test_unsupported_models_are_refused_in_one_line():

@@ -173,7 +173,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "distiller": self.distiller.student_state_dict(),
+            "distiller": self.distiller.training_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "best_accuracy": self.best_accuracy,

@@ -1,5 +1,6 @@
 """Hugging Face Transformers integration: a ``DistillationTrainer``, layer maps for hidden/attention transfer,
-token-level LM distillation losses with bounded memory and an offline top-k teacher cache.
+token-level LM distillation losses with bounded memory and an offline cache of the
+teacher's top-k logits (``topk_cache``; not the cache of trained teacher models under ``FISHERKD_CACHE``).
 
 The trainer is imported on first use, so the losses and the cache work without importing ``transformers``.
 """
@@ -7,8 +8,8 @@ The trainer is imported on first use, so the losses and the cache work without i
 from typing import Any
 
 from fisherkd.hf.layers import attention_pairs, check_vocabularies, hidden_pairs, layer_map, qkv_pairs
-from fisherkd.hf.teacher_cache import CachedTeacher, TopKTeacherBatch, cache_teacher_topk, topk_distillation_loss
 from fisherkd.hf.token_losses import DIVERGENCES, Divergence, token_distillation_loss
+from fisherkd.hf.topk_cache import CachedTeacher, TopKTeacherBatch, cache_teacher_topk, topk_distillation_loss
 
 _TRAINER_NAMES = ("DistillationConfig", "DistillationTrainer", "TokenLossConfig")
 

@@ -466,7 +466,7 @@ class DistillationTrainer(Trainer):
 
     def _distiller_state(self) -> dict[str, Tensor]:
         # The student is saved by the Trainer itself; the (frozen) teacher only when it changes during training.
-        return {k: v for k, v in self.distiller.student_state_dict().items() if not k.startswith("student.")}
+        return {k: v for k, v in self.distiller.training_state_dict().items() if not k.startswith("student.")}
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import fisherkd.functional as F
-import fisherkd.hf.teacher_cache as teacher_cache
+import fisherkd.hf.topk_cache as topk_cache
 from fisherkd.hf import (
     DIVERGENCES,
     CachedTeacher,
@@ -18,7 +18,7 @@ from fisherkd.hf import (
     token_distillation_loss,
     topk_distillation_loss,
 )
-from fisherkd.hf.teacher_cache import teacher_topk
+from fisherkd.hf.topk_cache import teacher_topk
 
 
 def make(b=3, t=8, v=11, seed=0, dtype=torch.float64):
@@ -133,8 +133,8 @@ def lm_batches(n: int = 3, vocab: int = 17, seed: int = 0) -> list[dict[str, Ten
 @pytest.mark.parametrize("use_safetensors", [True, False])
 def test_cache_round_trip(tmp_path, monkeypatch, use_safetensors):
     if not use_safetensors:
-        monkeypatch.setattr(teacher_cache, "_safetensors", None)
-    elif teacher_cache._safetensors is None:
+        monkeypatch.setattr(topk_cache, "_safetensors", None)
+    elif topk_cache._safetensors is None:
         pytest.skip("safetensors is not installed")
     teacher = TinyLM().train()
     batches = lm_batches()
@@ -167,7 +167,7 @@ def test_cache_round_trip(tmp_path, monkeypatch, use_safetensors):
 
 
 def test_cache_files_hold_only_tensors(tmp_path, monkeypatch):
-    monkeypatch.setattr(teacher_cache, "_safetensors", None)
+    monkeypatch.setattr(topk_cache, "_safetensors", None)
     cache_teacher_topk(TinyLM(), lm_batches(1), tmp_path, k=3)
     data = torch.load(tmp_path / "batch_000000.pt", weights_only=True)  # refuses anything but tensors and containers
     assert set(data) == {"indices", "logprobs", "tail_logprob", "input_ids"}

@@ -135,7 +135,7 @@ def cache_teacher_topk(
     """
     directory = Path(path)
     if (directory / "meta.json").exists() and not overwrite:
-        raise FileExistsError(f"{directory} already holds a teacher cache; pass overwrite=True to replace it")
+        raise FileExistsError(f"{directory} already holds a top-k logits cache; pass overwrite=True to replace it")
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "meta.json").unlink(missing_ok=True)
     for stale in [*directory.glob("batch_*.safetensors"), *directory.glob("batch_*.pt")]:
@@ -178,14 +178,16 @@ def cache_teacher_topk(
 
 
 class CachedTeacher:
-    """A teacher cache written by :func:`cache_teacher_topk`: ``len``, indexing and iteration give
+    """A top-k logits cache written by :func:`cache_teacher_topk`: ``len``, indexing and iteration give
     :class:`TopKTeacherBatch` objects (on the CPU), batch i being the i-th batch the teacher saw."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         meta_file = self.path / "meta.json"
         if not meta_file.exists():
-            raise FileNotFoundError(f"{meta_file} not found: not a finished teacher cache (see cache_teacher_topk)")
+            raise FileNotFoundError(
+                f"{meta_file} not found: not a finished top-k logits cache (see cache_teacher_topk)"
+            )
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(f"{meta_file} is not a {FORMAT} cache of version {VERSION}")
@@ -214,7 +216,7 @@ class CachedTeacher:
         seen = cached.input_ids
         if input_ids is not None and seen is not None and not torch.equal(input_ids.cpu().long(), seen.long()):
             raise ValueError(
-                f"batch {i} of the teacher cache was made from other input_ids than the ones given: replay the "
+                f"batch {i} of the top-k logits cache was made from other input_ids than the ones given: replay the "
                 "cached batches in the order they were cached (no shuffling, same batch size and padding)"
             )
         return cached
