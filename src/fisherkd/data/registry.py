@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from fisherkd.core import nearest
 from fisherkd.data.cifar import load_cifar
 from fisherkd.data.core import DataSplits, DeviceLoader
 from fisherkd.data.fashion_mnist import load_fashion_mnist
 from fisherkd.data.folder import FolderLoader, FolderSplits, load_image_folder
 from fisherkd.data.mnist1d import load_mnist1d
 from fisherkd.data.npz import load_npz
-from fisherkd.core import nearest
 
 if TYPE_CHECKING:
     from fisherkd.config import DataConfig
