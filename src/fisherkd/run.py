@@ -12,28 +12,109 @@ import yaml
 from rich.progress import Progress
 from torch import nn
 
-from fisherkd.config import ModelConfig, RunConfig, StudentConfig, TeacherConfig
+from fisherkd.config import ModelConfig, RunConfig, StudentConfig, TeacherConfig, load_run_config
 from fisherkd.data import DataSplits, FolderSplits, load_splits, make_loader
 from fisherkd.distiller import Distiller
-from fisherkd.engine.checkpoint import load_checkpoint, save_atomic
+from fisherkd.engine.checkpoint import load_checkpoint, load_weights, save_atomic
 from fisherkd.engine.distributed import barrier, init_distributed, is_main
-from fisherkd.engine.trainer import Trainer, evaluate, resolve_device, seed_everything
+from fisherkd.engine.trainer import Trainer, evaluate, load_distiller_state, resolve_device, seed_everything
+from fisherkd.errors import UserError
 from fisherkd.models import create_model
 from fisherkd.paths import cache_dir
+from fisherkd.prune import Pruned, prune
 from fisherkd.schemes import EMATeacher, EnsembleTeacher, add_dual_head, load_student_weights
 from fisherkd.tracking import Tracker
 
 
 def build_model(config: ModelConfig, splits: DataSplits | FolderSplits) -> nn.Module:
     model = create_model(config.name, in_channels=splits.in_channels, num_classes=splits.num_classes, **config.kwargs)
+    check_inputs(model, config, splits)
     if config.checkpoint:
-        model.load_state_dict(load_student_weights(config.checkpoint))
+        load_weights(model, load_student_weights(config.checkpoint), config.checkpoint, f"model {config.name!r}")
     return model
 
 
-def build_student(config: StudentConfig, splits: DataSplits | FolderSplits) -> nn.Module:
-    student = build_model(config, splits)
+def check_inputs(model: nn.Module, config: ModelConfig, splits: DataSplits | FolderSplits) -> None:
+    """Refuse, in one line, a model that cannot take the data's inputs (a common config slip), rather than fail
+    with a matrix-shape error in the first training step."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *splits.input_shape))
+    except RuntimeError as err:
+        raise UserError(
+            f"model {config.name!r} cannot take this data's inputs, {splits.input_shape} per sample "
+            f"({str(err).splitlines()[0]}): set its kwargs to fit the data, or choose another model"
+        ) from err
+    finally:
+        model.train(was_training)
+
+
+def build_student(
+    config: StudentConfig, splits: DataSplits | FolderSplits, teacher: nn.Module | None = None
+) -> nn.Module:
+    """The student of ``config``; with ``from_teacher``, ``teacher`` pruned (see :func:`prune_teacher`)."""
+    if config.from_teacher is not None:
+        if teacher is None or config.name is None:
+            raise ValueError("student.from_teacher: pass the teacher (teacher=) and set the student's name to its name")
+        student = prune_teacher(config, teacher, splits).model
+    else:
+        student = build_model(config, splits)
     return add_dual_head(student, config.dual_head) if config.dual_head else student
+
+
+def prune_teacher(config: StudentConfig, teacher: nn.Module, splits: DataSplits | FolderSplits) -> Pruned:
+    """``teacher`` (a zoo model, its name and kwargs in ``config``) pruned by ``config.from_teacher`` on a seeded
+    sample of the training split; ``config.name`` and ``config.kwargs`` are set to the pruned model's, so the
+    resolved config rebuilds it (resume, evaluation and export load its weights from the run's checkpoints)."""
+    spec = config.from_teacher
+    assert spec is not None and config.name is not None
+    batch, device = min(128, spec.calibration), next(teacher.parameters()).device
+    loader = make_loader(splits, "train", batch, shuffle=True, drop_last=False, seed=spec.seed, device=device)
+    batches, seen = [], 0
+    for b in loader.epoch(0):
+        batches.append((b.x, b.y))
+        seen += len(b.y)
+        if seen >= spec.calibration:
+            break
+    pruned = prune(
+        teacher,
+        batches,
+        width=spec.width,
+        heads=spec.heads,
+        neurons=spec.neurons,
+        hidden=spec.hidden,
+        layers=spec.layers,
+        importance_method=spec.importance,
+        layer_importance=spec.layer_importance,
+        seed=spec.seed,
+        name=config.name,
+        kwargs=config.kwargs,
+        in_channels=splits.in_channels,
+        num_classes=splits.num_classes,
+    )
+    config.kwargs = pruned.kwargs
+    return pruned
+
+
+def pruned_student(
+    config: RunConfig, teacher: nn.Module, splits: DataSplits | FolderSplits, run_dir: Path
+) -> tuple[nn.Module, RunConfig]:
+    """The student pruned from ``teacher``, and the run's config resolved to it: ``student.name`` / ``kwargs`` name
+    the pruned zoo model and ``from_teacher`` is dropped, so resume, evaluation and export rebuild it like any zoo
+    student (its weights then come from the run's checkpoints). ``config.yaml`` is rewritten so, and
+    ``pruning.json`` records the pruning and the kept units."""
+    assert config.teacher is not None and config.student.from_teacher is not None
+    student_config = config.student.model_copy(update={"name": config.teacher.name, "kwargs": config.teacher.kwargs})
+    teacher.to(resolve_device(config.device))  # calibrate where the run trains
+    student = build_student(student_config, splits, teacher)  # sets student_config.kwargs to the pruned model's
+    resolved = config.model_copy(update={"student": student_config.model_copy(update={"from_teacher": None})})
+    if is_main():
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
+        record = {"from_teacher": config.student.from_teacher.model_dump(mode="json"), "teacher": config.teacher.name}
+        record["kwargs"] = student_config.kwargs
+        (run_dir / "pruning.json").write_text(json.dumps(record, indent=2))
+    return student, resolved
 
 
 # Fields that say how teachers are combined, not which model a teacher is: left out of a model's cache key, so an
@@ -88,8 +169,8 @@ def teacher_model(
     cached = path.exists()
     barrier()  # under DDP all ranks decide alike before rank 0 may write the cache
     if cached:
-        state = load_checkpoint(path)
-        model.load_state_dict(state["model"])
+        state = load_checkpoint(path, keys=("model", "record"))
+        load_weights(model, state["model"], path, f"teacher {teacher.name!r}")
         return model, {**state["record"], "source": "cache", "path": str(path)}
     seed_everything(teacher.seed)
     model = build_model(teacher, splits)
@@ -138,8 +219,12 @@ def train(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     splits = splits or load_splits(config.data)
     seed_everything(config.seed)
-    student = build_student(config.student, splits)
-    teacher, teacher_record = get_teacher(config, splits, progress, student) if config.teacher else (None, {})
+    if config.student.from_teacher is not None:  # the student is the pruned teacher: the teacher comes first
+        teacher, teacher_record = get_teacher(config, splits, progress)
+        student, config = pruned_student(config, teacher, splits, run_dir)
+    else:
+        student = build_student(config.student, splits)
+        teacher, teacher_record = get_teacher(config, splits, progress, student) if config.teacher else (None, {})
     device = resolve_device(config.device)
     example = next(iter(make_loader(splits, "test", 2, shuffle=False, device=device).epoch(0))).x
     distiller = Distiller(student.to(device), teacher.to(device) if teacher else None, config.methods, example)
@@ -182,15 +267,15 @@ def rebuild_distiller(
     teacher = get_teacher(config, splits, student=student)[0] if config.teacher else None
     example = next(iter(make_loader(splits, "test", 2, shuffle=False).epoch(0))).x
     distiller = Distiller(student, teacher, config.methods, example)
-    state = load_checkpoint(Path(run_dir) / "checkpoints" / f"{checkpoint}.pt")
-    distiller.load_state_dict(state["distiller"], strict=False)
+    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
+    load_distiller_state(distiller, load_checkpoint(path, keys=("distiller",))["distiller"], path)
     return distiller
 
 
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, checkpoint: str = "last") -> dict[str, Any]:
     """Re-evaluate a finished or interrupted run from its resolved config and a checkpoint."""
-    config = RunConfig.model_validate(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+    config = load_run_config(run_dir)
     splits = load_splits(config.data)
     distiller = rebuild_distiller(run_dir, config, splits, checkpoint).to(resolve_device(config.device))
     metrics = evaluate(distiller, splits, config.train.eval_batch_size, config.train.amp)

@@ -204,7 +204,9 @@ def test_block_importance_and_removal_loss_match_a_hand_computation():
 
 
 def test_keeping_more_layers_than_the_teacher_has_is_refused():
-    with pytest.raises(ValueError, match="layers=5: the teacher has 3 blocks, 0 of which change the shape and stay: keep 1 to 3"):
+    with pytest.raises(
+        ValueError, match="layers=5: the teacher has 3 blocks, 0 of which change the shape and stay: keep 1 to 3"
+    ):
         prune(tiny_llama(), [calibration()], layers=5, importance_method="weight")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from fisherkd.models.layers import conv_bn, init_conv_bn, pooled_features
@@ -9,12 +11,15 @@ from fisherkd.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
-    """Two 3×3 conv-BN layers plus an identity (or 1×1 conv-BN projection) shortcut, ReLU after the sum."""
+    """Two 3×3 conv-BN layers plus an identity (or 1×1 conv-BN projection) shortcut, ReLU after the sum.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    ``inner``: the first convolution's width (default ``out_channels``; smaller in a pruned ResNet)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, inner: int | None = None) -> None:
         super().__init__()
-        self.conv1 = conv_bn(in_channels, out_channels, 3, stride)
-        self.conv2 = conv_bn(out_channels, out_channels, 3, relu=False)
+        inner = out_channels if inner is None else inner
+        self.conv1 = conv_bn(in_channels, inner, 3, stride)
+        self.conv2 = conv_bn(inner, out_channels, 3, relu=False)
         if stride == 1 and in_channels == out_channels:
             self.shortcut: nn.Module = nn.Identity()
         else:
@@ -26,19 +31,38 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: a 3×3 conv stem, then three stages of ``(depth - 2) / 6`` basic blocks at strides 1, 2, 2."""
+    """CIFAR ResNet: a 3×3 conv stem, then three stages of ``(depth - 2) / 6`` basic blocks at strides 1, 2, 2.
+
+    ``inner``: the width of every block's first convolution, block by block, and ``blocks``: the blocks of each
+    stage (a ResNet pruned by fisherkd.prune); by default each block's stage width and ``(depth - 2) / 6``."""
 
     stages: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3")
 
-    def __init__(self, depth: int, widths: tuple[int, int, int, int], in_channels: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        depth: int,
+        widths: tuple[int, int, int, int],
+        in_channels: int,
+        num_classes: int,
+        inner: Sequence[int] | None = None,
+        blocks: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
-        n = (depth - 2) // 6
+        counts = list(blocks) if blocks is not None else [(depth - 2) // 6] * 3
+        # a stage's first block changes the shape unless it is the stride-1 first stage at the stem's width
+        least = [int(widths[0] != widths[1]), 1, 1]
+        if len(counts) != 3 or any(c < m for c, m in zip(counts, least)):
+            raise ValueError(f"blocks: one count per stage (three), at least {least} for these widths, got {counts}")
+        if inner is not None and len(inner) != sum(counts):
+            raise ValueError(f"inner: {len(inner)} widths given for {sum(counts)} blocks (one width each)")
+        starts = [0, counts[0], counts[0] + counts[1], sum(counts)]
+        per_stage = [list(inner[starts[i] : starts[i + 1]]) if inner is not None else None for i in range(3)]
         self.stem = conv_bn(in_channels, widths[0])
-        self.layer1 = _stage(BasicBlock, widths[0], widths[1], n, 1)
-        self.layer2 = _stage(BasicBlock, widths[1], widths[2], n, 2)
-        self.layer3 = _stage(BasicBlock, widths[2], widths[3], n, 2)
+        self.layer1 = _stage(BasicBlock, widths[0], widths[1], counts[0], 1, inner=per_stage[0])
+        self.layer2 = _stage(BasicBlock, widths[1], widths[2], counts[1], 2, inner=per_stage[1])
+        self.layer3 = _stage(BasicBlock, widths[2], widths[3], counts[2], 2, inner=per_stage[2])
         self.features = pooled_features()
         self.head = nn.Linear(widths[3], num_classes)
         init_conv_bn(self)
@@ -94,9 +118,12 @@ class WideResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def _stage(block: type[nn.Module], in_channels: int, out_channels: int, n: int, stride: int, **kw) -> nn.Sequential:
-    blocks = [block(in_channels, out_channels, stride, **kw)]
-    blocks += [block(out_channels, out_channels, 1, **kw) for _ in range(n - 1)]
+def _stage(
+    block: type[nn.Module], in_channels: int, out_channels: int, n: int, stride: int, inner: list | None = None, **kw
+) -> nn.Sequential:
+    widths = [{} if inner is None else {"inner": inner[i]} for i in range(n)]
+    blocks = [block(in_channels, out_channels, stride, **widths[0], **kw)] if n else []  # none: the identity
+    blocks += [block(out_channels, out_channels, 1, **widths[i], **kw) for i in range(1, n)]
     return nn.Sequential(*blocks)
 
 
