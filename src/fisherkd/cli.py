@@ -110,12 +110,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     manifest = export_run(args.run_dir, args.output, args.format, args.checkpoint, args.device)
     checked = ", ".join(f"{k} {100 * v['test_accuracy']:.2f}%" for k, v in manifest["verification"].items())
     files = ", ".join(manifest["files"].values())
-    console.print(f"exported {manifest['run_dir']} ({args.checkpoint}.pt) to {manifest['output']}: {files}")
-    console.print(f"verified (test accuracy): {checked}; model card {manifest['output']}/README.md")
-    for fmt, reason in manifest["skipped"].items():
-        console.print(f"[yellow]not exported: {fmt} ({reason})[/yellow]")
+    lines = [
+        f"exported {manifest['run_dir']} ({args.checkpoint}.pt) to {manifest['output']}: {files}",
+        f"verified (test accuracy): {checked}; model card {manifest['output']}/README.md",
+        *(f"[yellow]not exported: {fmt} ({why})[/yellow]" for fmt, why in manifest["skipped"].items()),
+    ]
     if manifest["missing_teacher"]:
-        console.print(f"[yellow]no teacher metrics or timing: {manifest['missing_teacher']}[/yellow]")
+        lines.append(f"[yellow]no teacher metrics or timing: {manifest['missing_teacher']}[/yellow]")
+    for line in lines:
+        console.print(line, soft_wrap=True)  # no wrapping: paths stay whole, to be copied
 
 
 class Parser(argparse.ArgumentParser):
@@ -179,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="the student alone as safetensors/ONNX/TorchScript, verified, with a card")
     export.add_argument("run_dir", help="a run, or a demo/compare output folder (then its most accurate run)")
     export.add_argument(
-        "--checkpoint", default="last", choices=["last", "best"], help="best.pt is chosen on the test split"
+        "--checkpoint", default="last", choices=["last", "best"], help="default last; best.pt is chosen on test data"
     )
-    export.add_argument("--format", default="safetensors,onnx,torchscript", help="comma-separated formats")
+    export.add_argument(
+        "--format", default="safetensors,onnx,torchscript", help="comma-separated subset of the default (all three)"
+    )
     export.add_argument("--output", help="default: RUN_DIR/export")
     export.add_argument("--device", default="auto", help="where teacher and student are timed for the card")
     export.set_defaults(func=cmd_export)
