@@ -27,7 +27,7 @@ from fisherkd.export import (
     verify_logits,
 )
 from fisherkd.models import load_student
-from fisherkd.run import build_student, train
+from fisherkd.run import build_student, rebuild_distiller, train
 from fisherkd.schemes import load_student_weights
 
 TEACHER_TRAIN = {"epochs": 1, "batch_size": 32}
@@ -59,6 +59,15 @@ CASES = {
         "methods": [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}],
     },
 }
+# Runs exported differently from the student alone: SimKD predicts through a projector and the teacher's classifier.
+PREDICTOR_CASES = {
+    "simkd": {
+        "shape": (1, 12, 12),
+        "teacher": {"name": "cnn_small", "kwargs": {"head": "gap"}, "train": TEACHER_TRAIN},
+        "student": {"name": "cnn_small", "kwargs": {"head": "gap"}},
+        "methods": [{"name": "simkd", "pairs": [["layer2", "layer2"]]}],
+    },
+}
 FAST = {"speed_batch": 16, "speed_runs": 2}
 
 
@@ -76,7 +85,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FISHERKD_CACHE", str(root / "cache"))
-        for case, spec in CASES.items():
+        for case, spec in {**CASES, **PREDICTOR_CASES}.items():
             write_npz(root / f"{case}.npz", spec["shape"])
             config = {
                 "name": case,
@@ -385,3 +394,29 @@ def test_the_readme_one_liner_exports_a_demo_folder(runs, cache, tmp_path, monke
     assert main([*command.split()[1:], "--format", "safetensors,torchscript"]) == 0
     exported = tmp_path / "runs" / "demo" / "runs" / "kd-seed0" / "export"
     assert (exported / "README.md").exists() and load_student(exported) is not None
+
+
+def test_a_student_that_predicts_through_the_teacher_classifier_is_exported_as_one_module(runs, cache, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fisherkd.methods.head import TeacherHeadPredictor
+
+    run_dir, out = runs / "runs" / "simkd", tmp_path / "export"
+    manifest = export_run(run_dir, out, **FAST)
+    config = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    distiller = rebuild_distiller(run_dir, config, load_splits(config.data))
+    reference = distiller.inference_model().eval()  # what the engine evaluated: student → projector → teacher head
+    assert isinstance(reference, TeacherHeadPredictor)
+    x = held_out_inputs(run_dir)
+    loaded = load_student(out)
+    assert isinstance(loaded, TeacherHeadPredictor) and not loaded.training
+    with torch.no_grad():
+        expected = reference(x)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        # the teacher's classifier travels with it: the exported one is the teacher's, not the student's own head
+        torch.testing.assert_close(loaded.classifier.weight, distiller.teacher.head.weight)
+    assert not torch.allclose(loaded.classifier.weight[:, : loaded.student.head.weight.shape[1]],
+                              loaded.student.head.weight)
+    recorded = json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
+    assert set(manifest["verification"]) == {"pytorch", "safetensors", "onnx", "torchscript"}
+    assert all(row["test_accuracy"] == pytest.approx(recorded) for row in manifest["verification"].values())
+

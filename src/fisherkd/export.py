@@ -31,7 +31,14 @@ import yaml
 from torch import Tensor, nn
 
 from fisherkd.core import call_model, model_logits, nearest
-from fisherkd.models.saved import SPEC_FILE, WEIGHTS_FILE, load_student, save_student, student_spec
+from fisherkd.models.saved import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    load_student,
+    predictor_spec,
+    save_student,
+    student_spec,
+)
 from fisherkd.provenance import provenance
 
 FORMATS = ("safetensors", "onnx", "torchscript")
@@ -114,13 +121,9 @@ def checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
 
 
 def inference_module(distiller: nn.Module) -> nn.Module:
-    """The module that makes the distilled model's predictions: today always the student.
-
-    Students whose inference goes through the teacher's classifier (the SimKD family, not implemented yet) will
-    return projector + teacher classifier here as one module; ONNX and TorchScript take any module as it is, and
-    ``student.json`` then has to say how to rebuild it for :func:`~fisherkd.models.load_student`.
-    """
-    return distiller.student
+    """The module that makes the distilled model's predictions: the student, or what a method built around it
+    (SimKD's student → projector → the teacher's classifier), as one module (see ``Distiller.inference_model``)."""
+    return distiller.inference_model()
 
 
 # ---------------------------------------------------------------------------------------------------- formats
@@ -321,7 +324,7 @@ def export_run(
     skipped: dict[str, str] = {}
     if "safetensors" in formats:
         spec = student_spec(
-            model,
+            student,
             config.student.name,
             splits.in_channels,
             splits.num_classes,
@@ -329,6 +332,8 @@ def export_run(
             config.student.dual_head,
             tuple(splits.input_shape),
         )
+        if model is not student:
+            spec["predictor"] = predictor_spec(model)
         save_student(model, spec, out)
         predictors["safetensors"] = load_student(out)
         files["safetensors"] = WEIGHTS_FILE
