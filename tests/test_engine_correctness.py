@@ -186,3 +186,19 @@ def test_rebuilding_a_run_from_a_checkpoint_of_another_model_is_a_clear_error(tm
     torch.save({"distiller": narrow.training_state_dict()}, checkpoints / "narrow.pt")
     with pytest.raises(CheckpointError, match=r"'student\.\S+' is \(8, 40\) in the file but \(16, 40\) in the model"):
         rebuild_distiller(tmp_path, config(16), splits, "narrow")
+
+
+def test_a_resume_with_a_checkpoint_of_another_model_leaves_the_run_config_as_it_was(tmp_path):
+    def config(hidden: int):
+        return build_config({"name": "toy", "output_dir": str(tmp_path), "methods": [{"name": "ce"}],
+                             "student": {"name": "mlp", "kwargs": {"hidden": [hidden]}},
+                             "train": {"epochs": 2, "batch_size": 32}})
+
+    splits, run_dir = toy_splits(), tmp_path / "run"
+    train(config(16), run_dir=run_dir, splits=splits, stop_after_steps=3)
+    written = (run_dir / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(config(8), run_dir=run_dir, splits=splits, resume=True)
+    assert (run_dir / "config.yaml").read_text() == written  # it used to be replaced by the wider model's config
+    summary = train(config(16), run_dir=run_dir, splits=splits, resume=True)  # the right config still resumes
+    assert summary["steps"] == 2 * (96 // 32)

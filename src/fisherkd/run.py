@@ -110,7 +110,7 @@ def pruned_student(
     student = build_student(student_config, splits, teacher)  # sets student_config.kwargs to the pruned model's
     resolved = config.model_copy(update={"student": student_config.model_copy(update={"from_teacher": None})})
     if is_main():
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
+        write_config(resolved, run_dir)
         record = {"from_teacher": config.student.from_teacher.model_dump(mode="json"), "teacher": config.teacher.name}
         record["kwargs"] = student_config.kwargs
         (run_dir / "pruning.json").write_text(json.dumps(record, indent=2))
@@ -190,6 +190,10 @@ def teacher_model(
     return model.cpu(), {**record, "source": "trained", "path": str(path)}
 
 
+def write_config(config: RunConfig, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
 def new_run_dir(config: RunConfig) -> Path:
     """``output_dir/name``, or ``name_1``, ``name_2``, … when it exists: a run never overwrites another."""
     base = Path(config.output_dir) / config.name
@@ -216,7 +220,8 @@ def train(
     barrier()  # every rank has chosen the same directory before rank 0 creates it
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        if not resume:  # a resume writes it once its checkpoint is known to fit (below)
+            write_config(config, run_dir)
     splits = splits or load_splits(config.data)
     seed_everything(config.seed)
     if config.student.from_teacher is not None:  # the student is the pruned teacher: the teacher comes first
@@ -228,6 +233,11 @@ def train(
     device = resolve_device(config.device)
     example = next(iter(make_loader(splits, "test", 2, shuffle=False, device=device).epoch(0))).x
     distiller = Distiller(student.to(device), teacher.to(device) if teacher else None, config.methods, example)
+    if resume:  # a checkpoint of another model is refused before the run's config.yaml is replaced
+        path = run_dir / "checkpoints" / "last.pt"
+        load_distiller_state(distiller, load_checkpoint(path, device, keys=("distiller",))["distiller"], path)
+        if is_main():
+            write_config(config, run_dir)
     tracker = Tracker(run_dir, config.tracking, config.model_dump(mode="json")) if is_main() else None
     trainer = Trainer(
         distiller,
