@@ -24,13 +24,20 @@ from fisherkd.compare import run_compare
 from fisherkd.methods import available, method_class
 
 ROOT = Path(__file__).resolve().parent
-# Methods an MLP student cannot take: they need spatial maps, several stages, tokens or attention maps.
-NOT_FOR_VECTORS = {"at", "reviewkd", "relation", "tinybert", "minilm"}
-# Attention-map methods: a CNN has none.
-NOT_FOR_CNNS = {"tinybert", "minilm"}
-# fisher_param pulls each student parameter to the teacher's of the same name and shape: for a pruned or
-# teacher-initialised copy of the teacher, which none of these students is.
-ONLY_FOR_COPIES = {"fisher_param"}
+
+
+def takes_none_of(kinds: set[str]) -> set[str]:
+    """Methods whose layer pairs must be of other kinds (from each class's ``pair_kinds``)."""
+    return {m for m in available() if method_class(m).pair_kinds and not kinds & set(method_class(m).pair_kinds)}
+
+
+# Methods an MLP student cannot take: they need spatial maps, tokens or attention maps.
+NOT_FOR_VECTORS = takes_none_of({"vector"})
+# Methods a CNN cannot take (attention maps, tokens).
+NOT_FOR_CNNS = takes_none_of({"map", "vector"})
+# Parameter penalties (fisher_param) pull each student parameter to the teacher's of the same name and shape: for a
+# pruned or teacher-initialised copy of the teacher, which none of these students is.
+ONLY_FOR_COPIES = {m for m in available() if method_class(m).same_architecture}
 TABLES = {  # table -> (config in benchmarks/configs, methods left out; None: the config's variants only)
     "mnist1d": ("mnist1d_cnn1d_to_mlp.yaml", NOT_FOR_VECTORS | ONLY_FOR_COPIES),
     "fmnist_cnn": ("fmnist_resnet8_to_cnn_small.yaml", NOT_FOR_CNNS | ONLY_FOR_COPIES),
