@@ -68,6 +68,7 @@ def main() -> None:
     out = ROOT / "results" / "prune_vision"
     out.mkdir(parents=True, exist_ok=True)
     seeds = range(args.seeds)
+    measured_with = provenance()  # before the runs: the code they import is the code of this commit
     accuracy = {arm: [100 * train(configs[arm, seed])["test_accuracy"] for seed in seeds] for arm in ARMS}
     table = {arm: {"mean": statistics.mean(v), "std": statistics.stdev(v), "runs": v} for arm, v in accuracy.items()}
     others = [arm for arm in ARMS if arm != "fisher"]
@@ -81,7 +82,7 @@ def main() -> None:
         "H3": paired["fisher - empirical"].high >= 0,
     }
     result = {
-        **provenance(),
+        **measured_with,
         "config": raw,
         "seeds": list(seeds),
         "accuracy": table,
