@@ -470,6 +470,27 @@ def recipe_lines(config: Any) -> list[str]:
     return lines
 
 
+def speed_section(speed: dict[str, Any], unit: str) -> list[str]:
+    """The card's speed table: teacher and student latency at batch 1 and a large batch, where and how measured."""
+    lines = [
+        "",
+        "## Speed",
+        "",
+        f"Eager PyTorch {speed['torch']} on {speed['device']}, float32; median of {speed['runs']} timed runs after "
+        f"{speed['warmup']} warm-up runs, measured at export (on a busy machine, CPU numbers include the wait for a "
+        f"free core). FisherKD {speed['fisherkd']}, commit {speed['commit']}, Python {speed['python']}.",
+        "",
+        f"| model | latency, batch 1 | latency, batch {speed['batch']} | throughput, batch {speed['batch']} |",
+        "|---|---|---|---|",
+    ]
+    for label, row in speed["models"].items():
+        lines.append(
+            f"| {label} | {row['latency_ms_batch1']:.3f} ms | {row['latency_ms_batch']:.3f} ms | "
+            f"{row['throughput']:,.0f} {unit}/s |"
+        )
+    return lines
+
+
 def model_card(manifest: dict[str, Any], config: Any) -> str:
     """A Hugging Face model card: YAML front matter, then the distillation, its fidelity and its speed."""
     metrics, data, student, teacher = manifest["metrics"], manifest["data"], manifest["student"], manifest["teacher"]
@@ -566,23 +587,7 @@ def model_card(manifest: dict[str, Any], config: Any) -> str:
         lines.append(f"| run record | | {100 * manifest['run_test_accuracy']:.2f}% |")
     else:
         lines += ["", "The run has no summary.json (it did not finish): no recorded accuracy to compare with."]
-    speed = manifest["speed"]
-    lines += [
-        "",
-        "## Speed",
-        "",
-        f"Eager PyTorch {speed['torch']} on {speed['device']}, float32; median of {speed['runs']} timed runs after "
-        f"{speed['warmup']} warm-up runs, measured at export (on a busy machine, CPU numbers include the wait for a "
-        f"free core). FisherKD {speed['fisherkd']}, commit {speed['commit']}, Python {speed['python']}.",
-        "",
-        f"| model | latency, batch 1 | latency, batch {speed['batch']} | throughput, batch {speed['batch']} |",
-        "|---|---|---|---|",
-    ]
-    for label, row in speed["models"].items():
-        lines.append(
-            f"| {label} | {row['latency_ms_batch1']:.3f} ms | {row['latency_ms_batch']:.3f} ms | "
-            f"{row['throughput']:,.0f} samples/s |"
-        )
+    lines += speed_section(manifest["speed"], "samples")
     if manifest["plots"]:
         lines += ["", "## Training plots", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in manifest["plots"]]
@@ -711,18 +716,6 @@ def hf_model_card(manifest: dict[str, Any]) -> str:
         "",
         f"Reloaded from this folder alone, its float32 logits on {tol['samples']} sequences equal the trained "
         f"student's within |Δ| ≤ {tol['atol']:g} + {tol['rtol']:g}·|logit| (max |Δ| {check['max_abs_diff']:.2e}).",
-        "",
-        "## Speed",
-        "",
-        f"Eager PyTorch {speed['torch']} on {speed['device']}; median of {speed['runs']} timed runs after "
-        f"{speed['warmup']} warm-up runs, measured at export. FisherKD {speed['fisherkd']}, commit {speed['commit']}.",
-        "",
-        f"| model | latency, batch 1 | latency, batch {speed['batch']} | throughput, batch {speed['batch']} |",
-        "|---|---|---|---|",
+        *speed_section(speed, "sequences"),
     ]
-    for label, row in speed["models"].items():
-        lines.append(
-            f"| {label} | {row['latency_ms_batch1']:.3f} ms | {row['latency_ms_batch']:.3f} ms | "
-            f"{row['throughput']:,.0f} sequences/s |"
-        )
     return "\n".join(lines) + "\n"
