@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
 from pathlib import Path
 
-import torch
 import yaml
 
 from fisherkd.compare import run_compare
 from fisherkd.methods import available, method_class
+from fisherkd.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent
 
@@ -44,24 +42,6 @@ TABLES = {  # table -> (config in benchmarks/configs, methods left out; None: th
     "fmnist_mlp": ("fmnist_resnet8_to_mlp.yaml", NOT_FOR_VECTORS | ONLY_FOR_COPIES),
     "mnist1d_augmentation": ("mnist1d_augmentation.yaml", None),  # its variants only
 }
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"cpu: {model} ({torch.get_num_threads()} threads)"
-
-
-def source_version() -> str:
-    """The commit the numbers come from, marked when the working tree differs from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT.parent, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--", "src", "benchmarks/configs", "benchmarks/accuracy_tables.py")
-    return f"{commit}+changes" if changed else commit
 
 
 def main() -> None:
@@ -93,10 +73,7 @@ def main() -> None:
     for name in ("results.md", "results.csv", "comparison.png"):
         shutil.copy(work / name, out / name)
     result |= {
-        "device": device_name(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "fisherkd": source_version(),
+        **provenance(),
         "config": raw,
         "budget": f"teacher {raw['teacher']['train']['epochs']} epochs, students {raw['train']['epochs']} epochs",
     }

@@ -21,21 +21,13 @@ import torch
 import transformers
 
 import fisherkd
+from fisherkd.provenance import device_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "minilm_fidelity_cpu.json"
 sys.path.insert(0, str(ROOT / "examples"))
 
 import minilm_sentence_distillation as example  # noqa: E402
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = example.run(args)
     report["device"] = {
         "kind": "cpu",
-        "name": cpu_name(),
+        "name": device_name("cpu"),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),  # > cores: other work shared the CPU

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from fisherkd.distiller import Distiller
 from fisherkd.engine import Trainer
 from fisherkd.engine.trainer import autocast, make_optimizer
 from fisherkd.models import create_model
+from fisherkd.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 LAST_STAGE = [["layer3", "layer3"]]
@@ -229,11 +229,8 @@ def main() -> None:
             shown = f"{ceiling:8.0f}  ours/ceiling {ours / ceiling:.2f}" if ceiling else "     n/a"
             print(f"{label:16s} batch {batch:4d}  ours {ours:8.0f}  floor {floor:8.0f}  ceiling {shown}  "
                   f"ours/floor {ours / floor:.2f}", flush=True)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result = {
-        "device": name,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **provenance(device),
         "teacher": args.teacher,
         "student": args.student,
         "steps": args.steps,

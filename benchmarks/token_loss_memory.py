@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from fisherkd.provenance import provenance
+
 RESULT = Path(__file__).parent / "results" / "token_loss_memory_cpu.json"
 
 
@@ -172,13 +174,6 @@ def measure(args: argparse.Namespace, vocab: int) -> dict:
     }
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 50257])  # Llama-2's and GPT-2's
@@ -206,9 +201,7 @@ def main() -> None:
     results = [measure(args, vocab) for vocab in args.vocab]
     report = {
         "benchmark": "token_loss_memory",
-        "device": f"cpu: {cpu_name()}",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **provenance("cpu"),
         "glibc": "-".join(platform.libc_ver()),
         "threads": args.threads or torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
