@@ -16,8 +16,8 @@ def predictions_right(logits: Tensor, reference: Tensor) -> Tensor:
 def expected_calibration_error(logits: Tensor, target: Tensor, bins: int = 15) -> Tensor:
     """ECE with equal-width confidence bins, each bin weighted by its share of samples (Guo et al. 2017)."""
     probs = F.softmax(logits.float(), dim=-1)
-    confidence, prediction = probs.max(-1)
-    correct = ((prediction == target) & logits.isfinite().all(-1)).float()
+    confidence = probs.max(-1).values
+    correct = predictions_right(logits, target).float()
     # bin b holds confidences in (b/bins, (b+1)/bins]; confidence is always > 0
     which = (confidence * bins).ceil().long().clamp(1, bins) - 1
     conf_sum = torch.zeros(bins, device=logits.device).index_add_(0, which, confidence)
