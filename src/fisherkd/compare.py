@@ -121,7 +121,8 @@ def train_or_resume(
     run_dir = runs_dir / config.name
     if (run_dir / "config.yaml").exists():
         saved = read_yaml(run_dir / "config.yaml", "run config")
-        if saved != config.model_dump(mode="json"):
+        # compared as validated configs, so that a field added since (at its default) is no difference
+        if build_config(saved).model_dump(mode="json") != config.model_dump(mode="json"):
             raise ConfigError(
                 f"{run_dir} was made from a different config: remove it, or compare into another --output"
             )

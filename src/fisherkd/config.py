@@ -149,6 +149,14 @@ class DataConfig(Strict):
     train_subset: int | None = Field(
         None, ge=1, description="train on this many training samples (a fixed random subset); the test split is whole"
     )
+    labelled: int | None = Field(
+        None, ge=1, description="keep the labels of this many training samples (a fixed random choice); the rest are "
+        "transfer inputs that only the teacher labels (label -100; the teacher trains on the labelled ones)"
+    )
+    transfer: int | None = Field(
+        None, ge=1, description="add this many unlabelled inputs from the dataset's own generator (mnist1d) for the "
+        "teacher to label ('function matching'); the teacher never trains on them"
+    )
 
 
 class TrackingConfig(Strict):

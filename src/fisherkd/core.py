@@ -3,6 +3,7 @@
 - :func:`nearest` — the "did you mean" phrase of every error about an unknown name.
 - :func:`model_logits` — logits from whatever a model returns (tensor, Transformers ``ModelOutput``, tuple).
 - :func:`call_model` — call a model on a tensor or on a Transformers batch dict.
+- :data:`UNLABELLED` — the label (-100) of a training input without one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any
 from torch import Tensor, nn
 
 Inputs = Tensor | Mapping[str, Tensor]
+
+# The label of a training input that has none (a transfer input only the teacher labels): PyTorch's ignore_index.
+UNLABELLED = -100
 
 
 def nearest(name: str, choices: Iterable[str], n: int = 3) -> str:

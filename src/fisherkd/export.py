@@ -420,14 +420,14 @@ def missing_teacher_reason(config: Any) -> str | None:
     ``get_teacher``, which can take longer than the run itself: the export leaves it out instead.
     """
     from fisherkd.paths import cache_dir
-    from fisherkd.run import teacher_cache_path
+    from fisherkd.run import teacher_cache_path, teacher_data_key
 
     teacher = config.teacher
     if teacher is None:
         return "the run has no teacher"
     if teacher.ema_decay is not None:
         return None
-    data = config.data.model_dump(mode="json")
+    data = teacher_data_key(config.data)
     for member in teacher.members or [teacher]:
         if not member.checkpoint and not teacher_cache_path(member, data).exists():
             return f"teacher {member.name!r} is not in the teacher cache {cache_dir()} (set FISHERKD_CACHE)"

@@ -12,7 +12,7 @@ import yaml
 from rich.progress import Progress
 from torch import nn
 
-from fisherkd.config import ModelConfig, RunConfig, StudentConfig, TeacherConfig, load_run_config
+from fisherkd.config import DataConfig, ModelConfig, RunConfig, StudentConfig, TeacherConfig, load_run_config
 from fisherkd.data import DataSplits, FolderSplits, load_splits, make_loader
 from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, load_weights, save_atomic
@@ -122,6 +122,15 @@ def pruned_student(
 SCHEME_FIELDS = {"members", "member_weights", "ensemble_average", "ensemble_weighting", "ema_decay"}
 
 
+def teacher_data_key(data: DataConfig) -> dict[str, Any]:
+    """The part of the data config that determines a teacher: not the transfer inputs (it never trains on them);
+    ``labelled`` only when set, so that teachers cached before the option keep their key."""
+    key = data.model_dump(mode="json", exclude={"transfer"})
+    if key["labelled"] is None:
+        del key["labelled"]
+    return key
+
+
 def teacher_cache_path(config: TeacherConfig, data: dict[str, Any]) -> Path:
     """Teachers are keyed by everything that determines them: model, data, training recipe and seed."""
     teacher = config.model_dump(mode="json", exclude=SCHEME_FIELDS)
@@ -165,7 +174,7 @@ def teacher_model(
     model = build_model(teacher, splits)
     if teacher.checkpoint:
         return model, {"source": teacher.checkpoint}
-    path = teacher_cache_path(teacher, config.data.model_dump(mode="json"))
+    path = teacher_cache_path(teacher, teacher_data_key(config.data))
     cached = path.exists()
     barrier()  # under DDP all ranks decide alike before rank 0 may write the cache
     if cached:
@@ -176,7 +185,7 @@ def teacher_model(
     model = build_model(teacher, splits)
     trainer = Trainer(
         Distiller(model, None, ["ce"]),
-        splits,
+        splits.labelled_only() if isinstance(splits, DataSplits) else splits,
         teacher.train,
         device=config.device,
         seed=teacher.seed,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fisherkd.core import UNLABELLED
 from fisherkd.data.common import epoch_order
 
 
@@ -42,6 +43,34 @@ class DataSplits:
     test: ArrayDataset
     num_classes: int
     input_shape: tuple[int, ...]
+
+    def with_hidden_labels(self, labelled: int, seed: int = 0) -> DataSplits:
+        """The same inputs with the labels of all but ``labelled`` training samples (a fixed random choice) set to
+        -100: transfer inputs that only the teacher labels."""
+        if not 0 < labelled <= len(self.train):
+            raise ValueError(f"data.labelled={labelled}: give between 1 and the {len(self.train)} training samples")
+        keep = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[:labelled]
+        y = torch.full_like(self.train.y, UNLABELLED)
+        y[keep] = self.train.y[keep]
+        return DataSplits(self.name, ArrayDataset(self.train.x, y), self.test, self.num_classes, self.input_shape)
+
+    def with_transfer(self, inputs: Tensor) -> DataSplits:
+        """The training split plus unlabelled ``inputs`` (label -100)."""
+        x = torch.cat([self.train.x, inputs.to(self.train.x.dtype)])
+        y = torch.cat([self.train.y, torch.full((len(inputs),), UNLABELLED, dtype=self.train.y.dtype)])
+        return DataSplits(self.name, ArrayDataset(x, y), self.test, self.num_classes, self.input_shape)
+
+    def labelled_only(self) -> DataSplits:
+        """Only the training samples that have a label (what a teacher trains on)."""
+        keep = self.train.y != UNLABELLED
+        if bool(keep.all()):
+            return self
+        train = ArrayDataset(self.train.x[keep], self.train.y[keep])
+        return DataSplits(self.name, train, self.test, self.num_classes, self.input_shape)
+
+    @property
+    def has_unlabelled(self) -> bool:
+        return bool((self.train.y == UNLABELLED).any())
 
     def with_train_subset(self, size: int, seed: int = 0) -> DataSplits:
         """The same splits with ``size`` training samples drawn once, by ``seed``, without replacement."""

@@ -14,7 +14,7 @@ from fisherkd.data.cifar import load_cifar
 from fisherkd.data.core import DataSplits, DeviceLoader
 from fisherkd.data.fashion_mnist import load_fashion_mnist
 from fisherkd.data.folder import FolderLoader, FolderSplits, load_image_folder
-from fisherkd.data.mnist1d import load_mnist1d
+from fisherkd.data.mnist1d import load_mnist1d, mnist1d_transfer
 from fisherkd.data.npz import load_npz
 
 if TYPE_CHECKING:
@@ -74,8 +74,18 @@ def make_loader(
 def load_splits(config: DataConfig) -> DataSplits | FolderSplits:
     """The dataset a run config names, with its training subset when it asks for one."""
     splits = load_dataset(config.name, config.root)
-    if config.train_subset is None:
-        return splits
-    if not isinstance(splits, DataSplits):
-        raise ValueError(f"data.train_subset works on array datasets, not on {config.name!r}")
-    return splits.with_train_subset(config.train_subset)
+    asked = [k for k in ("train_subset", "labelled", "transfer") if getattr(config, k) is not None]
+    if asked and not isinstance(splits, DataSplits):
+        raise ValueError(f"data.{asked[0]} works on array datasets, not on {config.name!r}")
+    if config.train_subset is not None:
+        splits = splits.with_train_subset(config.train_subset)
+    if config.labelled is not None:
+        splits = splits.with_hidden_labels(config.labelled)
+    if config.transfer is not None:
+        if config.name != "mnist1d":
+            raise ValueError(
+                f"data.transfer draws inputs from the dataset's generator, which only mnist1d has, not "
+                f"{config.name!r}: use data.labelled to turn part of the training split into transfer inputs"
+            )
+        splits = splits.with_transfer(mnist1d_transfer(config.transfer))
+    return splits

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fisherkd.config import TrainConfig
-from fisherkd.core import model_logits
+from fisherkd.core import UNLABELLED, model_logits
 from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
 from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, load_weights, rng_state, save_atomic, set_rng_state
@@ -138,6 +138,15 @@ class Trainer:
             self.distiller.to(memory_format=torch.channels_last)
         if config.compile:
             self.distiller.student.compile()
+        if isinstance(splits, DataSplits) and splits.has_unlabelled:
+            refused = [s.name for s, m in zip(distiller.specs, distiller.methods) if m.needs_target and
+                       not m.accepts_unlabelled]
+            if refused:
+                raise ValueError(
+                    f"method {refused[0]!r} needs a label for every sample, but the training split has transfer inputs "
+                    "without one (data.labelled / data.transfer): use methods that read the teacher (kd, hints) and "
+                    "'ce', which leaves them out"
+                )
         distributed = init_distributed()
         if config.batch_size % world_size():  # every rank must hold an equal slice of each global batch
             raise ValueError(
@@ -218,7 +227,7 @@ class Trainer:
         config, accum = self.config, self.config.grad_accum
         sums: dict[str, torch.Tensor] = {}  # device-side, added to in place and zeroed after each log
         self._read_step = self.step  # the last step whose metrics were read
-        batches = samples = 0
+        batches = 0
         started = time.perf_counter()
         own_progress = self._progress is None
         progress = self._progress or make_progress()
@@ -237,14 +246,14 @@ class Trainer:
                         out = self.model(x, y, index=batch.index)
                     (out.loss / accum).backward()
                     correct = ("correct", (out.logits.argmax(-1) == y).sum())
-                    for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items(), correct]:
+                    labelled = ("labelled", (y != UNLABELLED).sum())  # transfer inputs have no label to be right on
+                    for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items(), correct, labelled]:
                         if key not in sums:
                             sums[key] = torch.zeros((), device=self.device)
                             if key == "loss" or key in out.losses:
                                 self._loss_keys[key] = None
                         sums[key].add_(value.detach().float())
                     batches += 1
-                    samples += len(y)
                     if (i + 1) % accum:
                         continue
                     self._optimizer_step(sums)
@@ -253,8 +262,8 @@ class Trainer:
                     self._set_lr()
                     self.step += 1
                     if self.step % config.log_every == 0 or self.step % self.steps_per_epoch == 0:
-                        self._log_train(sums, batches, samples, progress, task)
-                        batches = samples = 0
+                        self._log_train(sums, batches, progress, task)
+                        batches = 0
                         for total in sums.values():
                             total.zero_()
                     epoch_done = self.step % self.steps_per_epoch == 0
@@ -262,7 +271,7 @@ class Trainer:
                         self._end_of_epoch(self.step // self.steps_per_epoch, progress, task)
                     if stop_after_steps is not None and self.step >= stop_after_steps:
                         if batches:  # steps not read yet: a diverged state must not become the checkpoint
-                            self._read_metrics(sums, batches, samples)
+                            self._read_metrics(sums, batches)
                         self.save("last")
                         return {"stopped_at_step": self.step}
                     if epoch_done:
@@ -289,14 +298,12 @@ class Trainer:
         sums[NONFINITE_GRAD].add_(bad)
         self.optimizer.step()
 
-    def _read_metrics(
-        self, sums: dict[str, torch.Tensor], batches: int, samples: int
-    ) -> tuple[dict[str, float], float, float]:
+    def _read_metrics(self, sums: dict[str, torch.Tensor], batches: int) -> tuple[dict[str, float], float]:
         """Sum the interval's metrics over ranks and read them (the one sync of the interval); raise
         :class:`TrainingDiverged` if a loss term or the gradient norm went non-finite since the last read."""
-        counts = torch.tensor([batches, samples], device=self.device, dtype=torch.float32)
+        counts = torch.tensor([batches], device=self.device, dtype=torch.float32)
         reduced = all_reduce_sum(torch.cat([torch.stack([v.float() for v in sums.values()]), counts]))
-        *totals, batches, samples = reduced.tolist()
+        *totals, batches = reduced.tolist()
         values = dict(zip(sums, totals))
         first, self._read_step = self._read_step + 1, self.step
         if problem := divergence(values, self._loss_keys):
@@ -307,12 +314,12 @@ class Trainer:
                 f"training diverged: {problem} at {steps} ({saved}); lower the learning rate or check the inputs "
                 "for NaN"
             )
-        return values, batches, samples
+        return values, batches
 
-    def _log_train(self, sums: dict[str, torch.Tensor], batches: int, samples: int, progress: Progress, task: int):
-        values, batches, samples = self._read_metrics(sums, batches, samples)
-        row = {k: v / batches for k, v in values.items() if k not in ("correct", NONFINITE_GRAD)}
-        row["train_accuracy"] = values["correct"] / samples
+    def _log_train(self, sums: dict[str, torch.Tensor], batches: int, progress: Progress, task: int):
+        values, batches = self._read_metrics(sums, batches)
+        row = {k: v / batches for k, v in values.items() if k not in ("correct", "labelled", NONFINITE_GRAD)}
+        row["train_accuracy"] = values["correct"] / max(values["labelled"], 1.0)
         row["lr"] = self.lr_at(self.step)  # the rate of the next step, as schedulers report it
         if self.tracker is not None:
             self.tracker.log(self.step, row, "train")

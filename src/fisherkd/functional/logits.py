@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fisherkd.core import UNLABELLED
+
 __all__ = [
     "cross_entropy",
     "dist",
@@ -108,8 +110,11 @@ def _rows(probs: Tensor) -> Tensor:
 
 
 def cross_entropy(student_logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy with hard labels (batch mean): −mean_n log softmax(z_s)[y]."""
-    return F.cross_entropy(_float32(student_logits), target, label_smoothing=label_smoothing)
+    """Cross-entropy with hard labels: −mean_n log softmax(z_s)[y_n] over the labelled rows. Rows labelled
+    ``UNLABELLED`` (-100: transfer inputs that only the teacher labels) are left out; a batch without a labelled
+    row gives 0, not 0/0."""
+    losses = F.cross_entropy(_float32(student_logits), target, label_smoothing=label_smoothing, reduction="none")
+    return losses.sum() / (target != UNLABELLED).sum().clamp_min(1)
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:

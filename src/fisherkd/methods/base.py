@@ -68,6 +68,8 @@ class Method(nn.Module):
     adapter: ClassVar[AdapterKind] = "none"
     needs_teacher: ClassVar[bool] = True
     needs_target: ClassVar[bool] = False
+    # with needs_target: whether rows without a label (target -100, transfer inputs) are left out rather than an error
+    accepts_unlabelled: ClassVar[bool] = False
     min_pairs: ClassVar[int] = 0
     max_pairs: ClassVar[int | None] = None
     pair_kinds: ClassVar[tuple[PairKind, ...]] = ()  # what its layer pairs may be (empty: none)

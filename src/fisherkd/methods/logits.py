@@ -29,12 +29,16 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 @register("ce")
 class CrossEntropy(Method):
-    """Cross-entropy with the ground-truth labels: −log p_s[y]. Not distillation, but the usual partner term."""
+    """Cross-entropy with the ground-truth labels: −log p_s[y]. Not distillation, but the usual partner term.
+
+    Transfer inputs without a label (target -100, see ``data.labelled`` / ``data.transfer``) are left out: the mean
+    is over the batch's labelled rows."""
 
     family = "label"
     paper = "-"
     needs_teacher = False
     needs_target = True
+    accepts_unlabelled = True
 
     class Params(Hyperparameters):
         label_smoothing: float = 0.0
