@@ -5,11 +5,15 @@ backward, SGD step, ``after_optimizer_step``), for a plain and a Fisher-weighted
 models and batch. The two alternate in rounds of ``--steps`` steps (a multiple of the update period K = 4, so every
 round contains the same number of Fisher updates); the ratio is median weighted round / median plain round, which
 cancels slow drifts of a shared machine. Setups: CIFAR-size ResNet-20 → ResNet-8 (kd, fitnet, at; batch 64, 32×32)
-and ViT (dim 64, depth 4 → dim 32, depth 2, 4 heads; minilm on attention probabilities).
+and ViT (dim 64, depth 4 → dim 32, depth 2, 4 heads; minilm on attention probabilities), and the demo's MNIST-1D
+pair (1-D CNN → MLP 40-100-100-10, batch 100 as in the demo: ``--only "demo mlp" --batch-size 100``), whose step is
+so small that the fixed cost of a weighting (its number of small kernels) is what shows.
 
 Rows use the defaults of the ``fisher:`` block (EMA axes: update every 4 steps on a quarter of the batch) except
 ``at, position``: per-sample position maps need an activation Fisher of the whole batch every step, which is why
-they are opt-in; it is here to show that cost. On CUDA the step runs under bf16 autocast, as the engine does.
+they are opt-in; it is here to show that cost. The ``direction`` rows weight the hint by a C×C Fisher metric
+(DESIGN.md §4b): the same EMA schedule, plus one eigen-decomposition of the 64×64 statistic after each update.
+On CUDA the step runs under bf16 autocast, as the engine does.
 Target: ≤ 1.05× on a GPU. Run: ``python benchmarks/fisher_overhead.py`` (a few minutes on 2 CPU cores).
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -34,8 +39,15 @@ RESULTS = Path(__file__).parent / "results"
 
 RESNET = ("resnet20", "resnet8", (3, 32, 32))
 VIT = ("vit_tiny", "vit_tiny", (3, 32, 32))
+DEMO = ("cnn1d", "mlp", (40,))  # the demo's MNIST-1D pair: a step of ~2 ms on a CPU, where fixed costs show
 CASES: list[tuple[str, tuple, dict[str, Any], dict[str, Any]]] = [
     ("kd · sample (logit closed form)", RESNET, {"name": "kd"}, {"axis": "sample"}),
+    ("kd · sample (wsl, student-aware)", RESNET, {"name": "kd"}, {"axis": "sample", "estimator": "wsl"}),
+    # the demo's MLP (use --batch-size 100 as the demo does): per-sample weights are a handful of small kernels
+    ("demo mlp · kd · sample (logit, gamma 0.5)", DEMO, {"name": "kd"}, {"axis": "sample", "gamma": 0.5}),
+    ("demo mlp · kd · sample (wsl)", DEMO, {"name": "kd"}, {"axis": "sample", "estimator": "wsl"}),
+    ("demo mlp · fisher_logit · class (non_target)", DEMO, {"name": "fisher_logit"},
+     {"axis": "class", "estimator": "non_target"}),
     ("fitnet · channel (sampled)", RESNET, {"name": "fitnet", "pairs": [["layer3", "layer3"]]}, {"axis": "channel"}),
     (
         "fitnet · channel (linear_head closed form)",
@@ -46,6 +58,15 @@ CASES: list[tuple[str, tuple, dict[str, Any], dict[str, Any]]] = [
     ("at · channel (sampled)", RESNET, {"name": "at", "pairs": [["layer3", "layer3"]]}, {"axis": "channel"}),
     ("at · position (sampled, every step)", RESNET, {"name": "at", "pairs": [["layer3", "layer3"]]},
      {"axis": "position"}),
+    # Fisher directions (a 64×64 EMA metric, eigen-decomposed after each update) at layer3 and the head's input
+    ("fitnet · direction (sampled)", RESNET, {"name": "fitnet", "pairs": [["layer3", "layer3"]]},
+     {"axis": "direction"}),
+    ("fitnet · direction complement (sampled)", RESNET, {"name": "fitnet", "pairs": [["layer3", "layer3"]]},
+     {"axis": "direction", "directions": "complement"}),
+    ("fitnet · direction (linear_head closed form)", RESNET, {"name": "fitnet", "pairs": [["head:in", "head:in"]]},
+     {"axis": "direction", "estimator": "linear_head"}),
+    ("fitnet · direction row (head weight)", RESNET, {"name": "fitnet", "pairs": [["head:in", "head:in"]]},
+     {"axis": "direction", "directions": "row"}),
     (
         "minilm · head (sampled)",
         VIT,
@@ -58,6 +79,8 @@ CASES: list[tuple[str, tuple, dict[str, Any], dict[str, Any]]] = [
 def models(setup: tuple) -> tuple[torch.nn.Module, torch.nn.Module]:
     teacher_name, student_name, _ = setup
     torch.manual_seed(0)
+    if teacher_name == "cnn1d":
+        return create_model("cnn1d", 1, 10), create_model("mlp", 1, 10)
     if teacher_name == "vit_tiny":
         return create_model("vit_tiny", 3, 100), create_model("vit_tiny", 3, 100, dim=32, depth=2)
     return create_model(teacher_name, 3, 100), create_model(student_name, 3, 100)
@@ -94,7 +117,7 @@ def measure(case: tuple, device: torch.device, batch: int, steps: int, rounds: i
     label, setup, method, fisher = case
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *setup[2], generator=g).to(device)
-    y = torch.randint(0, 100, (batch,), generator=g).to(device)
+    y = torch.randint(0, 10 if setup is DEMO else 100, (batch,), generator=g).to(device)
     variants = {"plain": build(setup, method, None, device), "weighted": build(setup, method, fisher, device)}
     optimizers = {k: torch.optim.SGD(d.trainable_parameters(), lr=1e-3, momentum=0.9) for k, d in variants.items()}
     times: dict[str, list[float]] = {"plain": [], "weighted": []}
@@ -135,11 +158,12 @@ def main() -> None:
     # whenever another process takes a core, and step times jump tenfold.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     rows = []
-    for case in CASES:
+    for case in [c for c in CASES if args.only is None or args.only in c[0]]:
         row = measure(case, device, args.batch_size, args.steps, args.rounds)
         rows.append(row)
         print(f"{row['case']:<45} plain {row['plain_ms_per_step']:8.1f} ms  weighted "
@@ -155,11 +179,14 @@ def main() -> None:
         "batch_size": args.batch_size,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
+        "only": args.only,
         "amp": "bf16" if device.type == "cuda" else "off",
         "target": "weighted / plain <= 1.05 on a GPU",
         "rows": rows,
     }
-    out = args.out or RESULTS / f"fisher_overhead_{device.type}.json"
+    # a partial run (--only) never overwrites the full table
+    suffix = "" if args.only is None else "_" + re.sub(r"\W+", "_", args.only).strip("_")
+    out = args.out or RESULTS / f"fisher_overhead_{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -178,6 +178,7 @@ class Distiller(nn.Module):
         target: Tensor | None,
         teacher_logits: Tensor | None,
         mask: Tensor | None,
+        student_logits: Tensor | None = None,
     ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
         """Fisher weights by term name and axis, and their diagnostics."""
         weights: dict[str, dict[str, Tensor]] = {}
@@ -191,6 +192,7 @@ class Distiller(nn.Module):
                 feature=self.teacher_taps.outputs.get(weighter.tap),
                 mask=mask,
                 quiet=self.teacher_taps.paused,
+                student_logits=student_logits,  # detached where an estimator reads it
             )
             values, diagnostics = weighter(batch)
             if values is not None:
@@ -279,8 +281,11 @@ class Distiller(nn.Module):
         if epoch is None:
             epoch = self._epoch()
         teacher_logits = self.teacher_forward(inputs) if self.teacher is not None else None
-        fisher_weights, stats = self._fisher_weights(inputs, target, teacher_logits, mask) if self.fisher else ({}, {})
         student_logits = model_logits(call_model(self.student, inputs))
+        # after the student: the wsl sample weights read its (detached) logits
+        fisher_weights, stats = (
+            self._fisher_weights(inputs, target, teacher_logits, mask, student_logits) if self.fisher else ({}, {})
+        )
         losses: dict[str, Tensor] = {}
         used_weights: dict[str, float] = {}
         for i, (spec, method) in enumerate(zip(self.specs, self.methods)):

@@ -67,8 +67,8 @@ def test_the_records_drive_the_tap_parameter_and_one_layer_checks():
 
     x, _ = tiny_image_batch(4)
     two_layers = {"name": "fitnet", "pairs": [["block1", "block1"], ["block2", "block2"]]}
-    for axis in ("channel", "position"):
+    for axis in ("channel", "position", "direction"):
         with pytest.raises(ValueError, match=f"{axis} weights belong to one teacher layer"):
             Distiller(TinyCNN(4), TinyCNN(8), [{**two_layers, "fisher": {"axis": axis}}], x[:2])
     Distiller(TinyCNN(4), TinyCNN(8), [{**two_layers, "fisher": {"axis": "sample"}}], x[:2])  # one weight per sample
-    assert [name for name, axis in AXES.items() if axis.one_layer] == ["channel", "position"]
+    assert [name for name, axis in AXES.items() if axis.one_layer] == ["channel", "position", "direction"]

@@ -184,7 +184,8 @@ def test_the_weighted_step_reads_nothing_on_the_host(monkeypatch):
         out.loss.backward()
         distiller.after_optimizer_step()
     monkeypatch.undo()
-    assert len(out.stats) == 2 * len(IMAGE_CASES) and all(v.dim() == 0 for v in out.stats.values())
+    count = sum(3 if fisher["axis"] == "sample" else 2 for _, fisher in IMAGE_CASES)  # sample weights: + ess
+    assert len(out.stats) == count and all(v.dim() == 0 for v in out.stats.values())
 
 
 def test_token_weights_from_per_token_logits_have_mean_one_over_each_sequence_valid_tokens():

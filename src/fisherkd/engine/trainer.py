@@ -21,6 +21,7 @@ from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, load_weights, rng_state, save_atomic, set_rng_state
 from fisherkd.engine.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from fisherkd.engine.schedule import lr_factor, lr_factor_tensor
+from fisherkd.fisher import mark_mixed_inputs
 from fisherkd.metrics import FidelityMeter
 from fisherkd.tracking import Tracker
 
@@ -127,6 +128,7 @@ class Trainer:
         self.config = config
         self.device = resolve_device(device)
         self.distiller = distiller.to(self.device)
+        mark_mixed_inputs(self.distiller, bool(config.augment.mixup_alpha))  # for fisher.mixed: off
         self.splits = splits
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tracker = tracker

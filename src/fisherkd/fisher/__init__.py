@@ -14,7 +14,7 @@ from fisherkd.fisher.axes import AXES, FisherAxis
 from fisherkd.fisher.normalize import normalize, ramp
 from fisherkd.fisher.spec import FisherSpec
 from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
-from fisherkd.fisher.weighter import FisherBatch, FisherWeighter, weight_stats
+from fisherkd.fisher.weighter import FisherBatch, FisherWeighter, mark_mixed_inputs, weight_stats
 
 __all__ = [
     "AXES",
@@ -26,5 +26,6 @@ __all__ = [
     "all_reduce_mean",
     "normalize",
     "ramp",
+    "mark_mixed_inputs",
     "weight_stats",
 ]

@@ -37,6 +37,18 @@ class Estimate(Protocol):
     def mask(self) -> Tensor | None:
         """The padding mask B×T (1 = valid token), or None."""
 
+    @property
+    def target(self) -> Tensor:
+        """The labels (raises a clear error when the batch has none)."""
+
+    @property
+    def student_logits(self) -> Tensor:
+        """The student's logits of this batch, detached (raises a clear error where they are not known)."""
+
+    @property
+    def feature(self) -> Tensor | None:
+        """The teacher's activation at the tap from this batch's forward pass, when the Distiller tapped it."""
+
     def head_weight(self) -> Tensor:
         """The weight of the teacher's linear classifier (``fisher.head``, default its last nn.Linear)."""
 
@@ -74,6 +86,7 @@ class FisherAxis:
     within_sample: bool = True  # per-batch axes: one normalization per sample (False: one over the batch)
     one_layer: bool = False  # its weights belong to one teacher layer: a method may tap only one
     heatmap: Callable[[Tensor], Tensor] | None = None  # weights → what to draw; None: nothing
+    metric: bool = False  # its weights are a PSD C×C metric (fisher.metric), not mean-1 weights (normalize)
 
 
 def _matching(mask: Tensor | None, like: Tensor) -> Tensor | None:
@@ -83,15 +96,25 @@ def _matching(mask: Tensor | None, like: Tensor) -> Tensor | None:
 def _sample(est: Estimate) -> Importance:
     if est.estimator == "logit":
         raw = E.logit_fisher_trace(est.logits, est.temperature)
+    elif est.estimator == "wsl":
+        if est.logits.dim() != 2:
+            raise ValueError(f"{est.where}: the wsl estimator weighs whole samples: it needs logits B×C, got "
+                             f"{tuple(est.logits.shape)}")
+        raw = E.wsl_weight(est.student_logits, est.logits, est.target, est.temperature)
     else:
         raw = E.linear_head_fisher(est.logits, est.head_weight(), est.temperature).sum(-1)
     return Importance(raw, _matching(est.mask, raw))
 
 
 def _class(est: Estimate) -> Importance:
-    # one row per sample, or per token of B×T×C logits: the class statistic is a mean over valid tokens
-    diagonal = E.logit_fisher_diagonal(est.logits, est.temperature)
-    valid = E.valid_rows(est.logits, est.mask)
+    # one row per sample, or per token of B×T×C logits: the class statistic is a mean over valid tokens (and, for
+    # non_target, over rows with a label)
+    if est.estimator == "non_target":
+        diagonal = E.non_target(est.logits, est.target, est.temperature)
+        valid = E.valid_rows(est.logits, est.mask, est.target)
+    else:
+        diagonal = E.logit_fisher_diagonal(est.logits, est.temperature)
+        valid = E.valid_rows(est.logits, est.mask)
     return Importance(diagonal.reshape(-1, diagonal.shape[-1]), None if valid is None else valid.reshape(-1))
 
 
@@ -128,6 +151,34 @@ def _parameter(est: Estimate) -> Importance:
     return Importance(fisher[None], fisher.new_full((1,), float(est.rows)))
 
 
+def check_head_input(where: str, feature: Tensor | None, weight: Tensor) -> None:
+    """A metric from the head's weight (K×C) lives at the head's input: the method's teacher feature must have C
+    channels (the head's input itself, or a map the head sees average-pooled)."""
+    channels = None if feature is None else feature.shape[-1 if feature.dim() == 3 else 1]
+    if channels != weight.shape[1]:
+        got = "no teacher feature" if feature is None else f"a teacher feature of shape {tuple(feature.shape)}"
+        raise ValueError(
+            f"{where}: a metric from the head lives at its input ({weight.shape[1]} channels), but the method has "
+            f"{got}: tap the head's input (e.g. 'head:in') or a map it sees average-pooled"
+        )
+
+
+def _direction(est: Estimate) -> Importance:
+    # already the mean over the rows, like _parameter: a C×C matrix that counts as ``rows`` samples
+    if est.estimator == "linear_head":
+        weight = est.head_weight()
+        check_head_input(est.where, est.feature, weight)
+        fisher = E.linear_head_direction_fisher(est.logits, weight, est.temperature, est.mask)
+    else:
+        fisher = E.direction_fisher(est.scores()[1], est.mask)
+    return Importance(fisher[None], fisher.new_full((1,), float(est.rows)))
+
+
+def _metric_diagonal(metric: Tensor) -> Tensor:
+    # C·diag(M): each channel's share of the hint, 1 for the isotropic metric (floored for the log-scale plot)
+    return (metric.diagonal() * metric.shape[0]).clamp_min(1e-3)
+
+
 def _mean_over_batch(weights: Tensor) -> Tensor:
     return weights.mean(0)
 
@@ -141,8 +192,8 @@ _TAP = frozenset({"sampled", "empirical", "linear_head"})  # linear_head at a ta
 AXES: dict[str, FisherAxis] = {
     axis.name: axis
     for axis in (
-        FisherAxis("sample", ("logit", "linear_head"), _sample, per_batch=True, within_sample=False),
-        FisherAxis("class", ("logit",), _class, heatmap=_as_is),
+        FisherAxis("sample", ("logit", "linear_head", "wsl"), _sample, per_batch=True, within_sample=False),
+        FisherAxis("class", ("logit", "non_target"), _class, heatmap=_as_is),
         FisherAxis(
             "channel", ("sampled", "empirical", "linear_head"), _channel, needs_tap=_TAP, one_layer=True,
             heatmap=_as_is,
@@ -154,5 +205,9 @@ AXES: dict[str, FisherAxis] = {
         FisherAxis("head", ("sampled", "empirical"), _head, needs_tap=_TAP, heatmap=_as_is),
         FisherAxis("token", ("sampled", "empirical", "logit"), _token, needs_tap=_TAP, per_batch=True),
         FisherAxis("parameter", ("sampled",), _parameter, needs_parameters=True),
+        FisherAxis(
+            "direction", ("sampled", "empirical", "linear_head"), _direction, needs_tap=_TAP, one_layer=True,
+            heatmap=_metric_diagonal, metric=True,
+        ),
     )
 }

@@ -40,7 +40,8 @@ Inputs = Tensor | Mapping[str, Tensor]
 
 
 def probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    return F.softmax(logits.detach().float() / temperature, dim=-1)
+    z = logits.detach().float()
+    return F.softmax(z if temperature == 1.0 else z / temperature, dim=-1)
 
 
 def logit_fisher_diagonal(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -52,6 +53,39 @@ def logit_fisher_diagonal(logits: Tensor, temperature: float = 1.0) -> Tensor:
 def logit_fisher_trace(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Trace of the logit Fisher: 1 − ‖p‖², one value per row of logits, shape [...]."""
     return 1.0 - probabilities(logits, temperature).pow(2).sum(-1)
+
+
+def non_target(logits: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
+    """The teacher's relative non-target probabilities p̂_c = p_c/(1 − p_y) for c ≠ y, and 0 at the label y,
+    shape [..., C] (each row sums to 1): what DKD's non-target term distils (Zhao et al., CVPR 2022).
+
+    As class importances (``fisher: {axis: class, estimator: non_target}``) their batch mean
+    importance_c = (1/N) Σ_n [c ≠ y_n] p_{n,c}/(1 − p_{n,y_n}) emphasises the classes the teacher ranks as the
+    likeliest alternatives — the dark knowledge — where p_c(1 − p_c) favours the classes the teacher is unsure of
+    and suppresses the small non-target probabilities. Ignored labels (< 0) give a row of zeros; a row with
+    p_y = 1 (in float) gives zeros too.
+    """
+    p = probabilities(logits, temperature)
+    label = target.long().clamp_min(0).unsqueeze(-1)
+    valid = (target >= 0).unsqueeze(-1)
+    rest = (1.0 - p.gather(-1, label)).clamp_min(torch.finfo(p.dtype).tiny)
+    return torch.where(valid, p.scatter(-1, label, 0.0) / rest, 0.0)
+
+
+def wsl_weight(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
+    """WSL's per-sample weight 1 − exp(−CE_s/CE_t), CE the cross-entropy of the (detached) student's and the
+    teacher's softmax at ``temperature`` against the label, one value per row, in [0, 1).
+
+    Zhou et al., "Rethinking Soft Labels for Knowledge Distillation: A Bias-Variance Tradeoff Perspective", ICLR
+    2021: a sample the student already fits better than the teacher (CE_s ≪ CE_t) carries a soft label whose bias
+    would only pull it back, and gets a small weight; one the student gets wrong gets a weight near 1. (As in the
+    authors' code, the ratio's denominator is CE_t + 1e-7.) Unlike the Fisher statistics it reads the student.
+    """
+    s = F.log_softmax(student_logits.detach().float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    label = target.long().unsqueeze(-1)
+    ce_s, ce_t = -s.gather(-1, label).squeeze(-1), -t.gather(-1, label).squeeze(-1)
+    return 1.0 - torch.exp(-ce_s / (ce_t + 1e-7))
 
 
 def linear_head_fisher(logits: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:
@@ -313,3 +347,57 @@ def head_input_layout(per_unit: Tensor, feature_shape: Sequence[int]) -> Tensor:
         f"{[rows, *shape]}: tap the head's input (e.g. 'head:in'), a map it sees flattened, or a map it sees "
         "average-pooled (as many channels as inputs)"
     )
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """A feature laid out as B×P×C (P positions or tokens, 1 for a B×C vector), channels as in
+    :mod:`fisherkd.functional.features`."""
+    if x.dim() == 3:  # B×T×D tokens: channels already last
+        return x
+    return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+
+
+def _position_weights(x: Tensor, mask: Tensor | None) -> Tensor:
+    """B×P weights that average over each sample's positions (its valid tokens under a B×T padding ``mask``)."""
+    valid = token_mask(x, mask) if x.dim() == 3 else None
+    rows, positions = x.shape[0], _channels_last(x).shape[1]
+    if valid is None:
+        return x.new_full((rows, positions), 1.0 / positions, dtype=torch.float32)
+    valid = valid[..., 0]
+    return valid / valid.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def direction_fisher(grad: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The channel × channel Fisher at a tapped activation: mean over samples of the mean over positions of g gᵀ,
+    shape C×C, float32.
+
+    With ŷ sampled from the teacher, E_ŷ[g gᵀ] = J_lᵀ F_p J_l (DESIGN.md §4b): the metric whose quadratic form is the
+    second-order change of the teacher's prediction when the activation moves. Channels are on axis 1 of maps and
+    vectors, last in B×T×D tokens; with a padding ``mask`` each sample averages over its valid tokens only.
+    """
+    g = _channels_last(grad.float())
+    weights = _position_weights(grad, mask)
+    flat = g.reshape(-1, g.shape[-1])
+    with torch.autocast(flat.device.type, enabled=False):  # a float32 statistic, also inside a bf16 step
+        return (flat * weights.reshape(-1, 1)).T @ flat / g.shape[0]
+
+
+def linear_head_direction_fisher(
+    logits: Tensor, weight: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """The closed form of :func:`direction_fisher` at the input h of a linear head z = Wh + b: the mean over
+    samples of Wᵀ(diag p − ppᵀ)W, shape D×D (up to the factor 1/τ² that the metric's trace normalization removes).
+
+    Per-token logits B×T×C average over each sample's valid tokens first (``mask``), as the sampled form does.
+    """
+    p = probabilities(logits, temperature)
+    rows = p.shape[0]
+    if p.dim() == 3:
+        weights = _position_weights(p, mask).reshape(-1) / rows
+        p = p.reshape(-1, p.shape[-1])
+    else:
+        weights = p.new_full((rows,), 1.0 / rows)
+    w = weight.detach().float()
+    with torch.autocast(w.device.type, enabled=False):  # a float32 statistic, also inside a bf16 step
+        covariance = torch.diag(weights @ p) - (p * weights[:, None]).T @ p  # Σ_n w_n (diag p_n − p_n p_nᵀ)
+        return w.T @ covariance @ w

@@ -2,7 +2,7 @@
 
 The Distiller owns one weighter per method that has a ``fisher:`` block and calls it after the teacher's forward
 pass; the weights go to the method as ``MethodInputs.weights[axis]``. What depends on the axis is in its record in
-:data:`fisherkd.fisher.axes.AXES`. Two kinds of axis:
+:data:`fisherkd.fisher.axes.AXES`. Three kinds of axis:
 
 - per batch (``sample``, ``position``, ``token``): a weight for each sample / position / token of *this* batch,
   estimated on the whole batch every step and normalized within each sample (over the batch for ``sample``).
@@ -12,8 +12,12 @@ pass; the weights go to the method as ``MethodInputs.weights[axis]``. What depen
   every ``every`` optimizer steps on the first ``fraction`` of the batch (batches are shuffled), all-reduced
   across DDP ranks, optionally frozen after ``freeze_after`` steps. The weights are recomputed only when the
   statistic or λ changes.
+- a metric (``direction``): an EMA of the teacher's C×C Fisher at the tapped layer like the statistic axes, turned
+  into a PSD metric by :mod:`fisherkd.fisher.metric` (one eigen-decomposition per update); the ``row`` / ``null``
+  variants are built once from the head's weight.
 
-Nothing here reads a tensor on the host: no per-step synchronisation is added to the training step.
+Nothing here reads a tensor on the host (but for one check when a ``null`` metric is built): no per-step
+synchronisation is added to the training step.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from torch import Tensor, nn
 
 from fisherkd.core import nearest
 from fisherkd.fisher import estimators as E
-from fisherkd.fisher.axes import AXES
+from fisherkd.fisher.axes import AXES, check_head_input
+from fisherkd.fisher.metric import HEAD_SPACES, fisher_metric, head_space_metric, mix_isotropic
 from fisherkd.fisher.normalize import normalize, ramp
 from fisherkd.fisher.spec import FisherSpec
 from fisherkd.fisher.state import EMAStatistic, all_reduce_mean
@@ -41,7 +46,9 @@ class FisherBatch:
     """What a weighter reads for one batch. ``feature`` is the teacher tensor at the weighter's tap from this
     batch's forward pass (when the Distiller taps it); ``mask`` is the padding mask (B×T, 1 = valid token) of token
     batches; ``quiet`` silences the Distiller's own taps while the
-    weighter runs an extra teacher pass, so that pass cannot overwrite the features the methods will read."""
+    weighter runs an extra teacher pass, so that pass cannot overwrite the features the methods will read.
+    ``student_logits`` are there for the student-aware ``wsl`` sample weights (read detached): the Distiller runs
+    the student before it asks for the weights."""
 
     inputs: Tensor | Mapping[str, Tensor]
     teacher: nn.Module
@@ -50,15 +57,33 @@ class FisherBatch:
     feature: Tensor | None = None
     mask: Tensor | None = None
     quiet: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    student_logits: Tensor | None = None
 
 
-def weight_stats(weights: Tensor) -> dict[str, Tensor]:
-    """Diagnostics of a weight tensor: normalized entropy H(w/Σw)/log n (1 = uniform, lower = concentrated) and
-    the max/min ratio. Detached device scalars: the trainer sums them and reads them once per log interval."""
+def weight_stats(weights: Tensor, ess: bool = False) -> dict[str, Tensor]:
+    """Diagnostics of a weight tensor of n entries, q = w/Σw: normalized entropy −Σ q log q / log n (1 = uniform,
+    lower = concentrated) and the max/min ratio; with ``ess`` (per-batch sample weights) also the effective sample
+    size (Σw)²/(n·Σw²) = 1/(n·Σq²) (Kish), the share of the batch that a weighted mean effectively averages (1 =
+    uniform, 1/n = one sample carries the loss). Detached device scalars: the trainer sums them and reads them once
+    per log interval."""
     w = weights.detach().float().flatten()
+    n = w.numel()
     q = w / w.sum()
-    entropy = -(q * q.log()).sum() / math.log(w.numel()) if w.numel() > 1 else torch.ones((), device=w.device)
-    return {"entropy": entropy, "max_min": w.max() / w.min()}
+    entropy = q.dot(q.log()) * (-1.0 / math.log(n)) if n > 1 else torch.ones((), device=w.device)
+    low, high = w.aminmax()
+    stats = {"entropy": entropy, "max_min": high / low}
+    if ess:
+        stats["ess"] = (q.dot(q) * n).reciprocal()
+    return stats
+
+
+def mark_mixed_inputs(module: nn.Module, mixed: bool = True) -> None:
+    """Tell every :class:`FisherWeighter` in ``module`` (a Distiller) whether the batches it will see are mixed
+    (mixup): a weighter with ``fisher.mixed: off`` then leaves its loss unweighted. The engine calls it once, from
+    its augmentation config; a hand-written loop that mixes its batches calls it itself."""
+    for weighter in module.modules():
+        if isinstance(weighter, FisherWeighter):
+            weighter.mixed_inputs = mixed
 
 
 def _first_rows(inputs: Tensor | Mapping[str, Tensor], rows: int) -> Tensor | Mapping[str, Tensor]:
@@ -86,22 +111,36 @@ class FisherWeighter(nn.Module):
             raise ValueError(f"{self.where}: the {self.estimator} estimator needs a teacher activation: set fisher.tap")
         if self.rule.needs_parameters and not self.parameter_names:
             raise ValueError(f"{self.where}: no teacher parameters to weight")
-        self.statistic = None if self.rule.per_batch else EMAStatistic(spec.ema)
+        # row / null metrics come from the head's weight alone: nothing to estimate
+        self.head_space = self.rule.metric and spec.directions in HEAD_SPACES
+        self.statistic = None if self.rule.per_batch or self.head_space else EMAStatistic(spec.ema)
         self.step = 0  # optimizer steps seen, advanced by after_optimizer_step
         self._last_update = -1
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._cache: tuple[tuple, Tensor, dict[str, Tensor]] | None = None
+        self._metric: tuple[tuple, Tensor, Tensor] | None = None  # (updates, device), metric at λ = 1, its rank
         self._head_name: str | None = spec.head
         self.last_weights: Tensor | None = None
+        self.mixed_inputs = False  # set by mark_mixed_inputs when the engine mixes the batches (mixup)
 
     # -- the weights -------------------------------------------------------------------------------------------
     def forward(self, batch: FisherBatch) -> tuple[Tensor | None, dict[str, Tensor]]:
         """(weights, diagnostics) for this batch; weights None means unweighted (γ = 0, λ = 0, or no statistic
         yet)."""
-        if not self.spec.active:
+        if not self.spec.active or (self.mixed_inputs and self.spec.mixed == "off"):
             return None, {}
         lam = ramp(self.step, self.spec.lam, self.spec.warmup_steps)
+        if self.head_space:
+            if self._cache is None or self._cache[0] != ("head", lam):  # the head is frozen: built once per λ
+                weight = self._head_weight(batch)
+                check_head_input(self.where, batch.feature, weight)
+                metric, dimension = head_space_metric(
+                    weight, self.spec.directions, isotropic=self.spec.isotropic, lam=lam
+                )
+                self._cache = (("head", lam), metric, {"rank": dimension})
+                self.last_weights = metric
+            return self._cache[1], self._cache[2]
         if self.statistic is None:
             importance, mask = self.rule.importance(_Estimate(self, batch, batch.teacher_logits.shape[0]))
             # one normalization per sample (positions, tokens) or one over the whole batch (samples)
@@ -109,15 +148,25 @@ class FisherWeighter(nn.Module):
             weights = self._normalize(rows(importance), lam, None if mask is None else rows(mask))
             weights = weights.view(importance.shape)
             self.last_weights = weights.detach()
-            return weights, weight_stats(weights)
+            return weights, weight_stats(weights, ess=self.axis == "sample")
         if self.training and self._due():
             self._update(batch)
         if self.statistic.updates == 0:
             return None, {}
         key = (self.statistic.updates, lam, self.statistic.value.device)
         if self._cache is None or self._cache[0] != key:  # the weights change only with the statistic or λ
-            weights = self._normalize(self.statistic.read(), lam)
-            self._cache = (key, weights, weight_stats(weights))
+            if self.rule.metric:  # a C×C metric: one eigen-decomposition per update of the statistic, not per λ
+                s = self.spec
+                if self._metric is None or self._metric[0] != key[::2]:
+                    self._metric = key[::2], *fisher_metric(
+                        self.statistic.read(), s.directions, energy=s.energy, rank=s.rank, isotropic=s.isotropic,
+                        gamma=s.gamma,
+                    )
+                weights, stats = mix_isotropic(self._metric[1], lam), {"rank": self._metric[2]}
+            else:
+                weights = self._normalize(self.statistic.read(), lam)
+                stats = weight_stats(weights)
+            self._cache = (key, weights, stats)
             self.last_weights = weights
         return self._cache[1], self._cache[2]
 
@@ -223,6 +272,7 @@ class FisherWeighter(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.step, self._last_update = int(state["step"]), int(state["last_update"])
         self._generator_state, self._generator, self._cache = state["generator"], None, None
+        self._metric = None
 
     def heatmap(self) -> Tensor | None:
         """The current weights to draw: per class / channel / head, or the batch-mean position map."""
@@ -232,7 +282,8 @@ class FisherWeighter(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"axis={self.axis}, estimator={self.estimator}, tap={self.tap}, gamma={s.gamma}, lam={s.lam}"
+        text = f"axis={self.axis}, estimator={self.estimator}, tap={self.tap}, gamma={s.gamma}, lam={s.lam}"
+        return f"{text}, directions={s.directions}" if self.rule.metric else text
 
 
 @dataclass
@@ -267,6 +318,23 @@ class _Estimate:
     @property
     def mask(self) -> Tensor | None:
         return None if self.batch.mask is None else self.batch.mask[: self.rows]
+
+    @property
+    def feature(self) -> Tensor | None:
+        return self.batch.feature
+
+    @property
+    def target(self) -> Tensor:
+        if self.batch.target is None:
+            raise ValueError(f"{self.where}: the {self.estimator} estimator needs labels: call the distiller with them")
+        return self.batch.target[: self.rows]
+
+    @property
+    def student_logits(self) -> Tensor:
+        if self.batch.student_logits is None:
+            raise ValueError(f"{self.where}: the {self.estimator} estimator reads the student's logits: pass "
+                             "FisherBatch(student_logits=...) (the Distiller does)")
+        return self.batch.student_logits[: self.rows].detach()
 
     def head_weight(self) -> Tensor:
         return self.weighter._head_weight(self.batch)

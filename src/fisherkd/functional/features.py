@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -79,14 +80,36 @@ def fitnet(
     channel_weight: Tensor | None = None,
     position_weight: Tensor | None = None,
     sample_weight: Tensor | None = None,
+    metric: Tensor | None = None,
 ) -> Tensor:
     """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015).
 
     Mean squared error between the (adapted) student feature and the teacher's hint: mean (f_s − f_t)²,
     each channel c weighted by ``channel_weight[c]``, each position by ``position_weight[b, ...]`` and each sample
     by ``sample_weight[b]`` when given.
+
+    With a C×C ``metric`` M (the Fisher directions of :mod:`fisherkd.fisher.metric`) the hint is measured along it
+    instead of channel by channel: mean over samples and positions of dᵀMd, d = f_s − f_t along the channel axis,
+    so that M = I/C is exactly the plain MSE (DESIGN.md §4b).
     """
     _check_same_shape(student_feature, teacher_feature, "fitnet", "give the method an adapter or tap equal layers")
+    if metric is not None:
+        if channel_weight is not None:
+            raise ValueError("fitnet: give channel weights or a metric, not both (a metric's diagonal is its channels)")
+        difference = _float32(student_feature) - _float32(teacher_feature)
+        axis = _channel_axis(difference) % difference.dim()
+        channels = difference.shape[axis]
+        if metric.shape != (channels, channels):
+            raise ValueError(
+                f"fitnet: metric of shape {tuple(metric.shape)} does not fit a feature of shape "
+                f"{tuple(difference.shape)}; expected ({channels}, {channels}) for its {channels} channels"
+            )
+        last = difference.movedim(axis, -1)
+        with torch.autocast(last.device.type, enabled=False):  # float32 like the plain hint, also under bf16 autocast
+            squared = (last * (last @ metric.to(last.dtype))).sum(-1)  # dᵀMd at each position, laid out like the map
+        if position_weight is not None:
+            squared = squared * _position_view(position_weight, difference, "fitnet").squeeze(axis)
+        return _batch_mean(_per_sample_mean(squared), sample_weight, "fitnet")
     squared = (_float32(student_feature) - _float32(teacher_feature)).pow(2)
     if channel_weight is not None:
         squared = squared * _channel_view(channel_weight, squared, "fitnet")

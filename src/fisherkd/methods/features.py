@@ -67,7 +67,7 @@ class FitNet(Method):
     family = "feature"
     paper = "Romero et al. ICLR 2015, arXiv:1412.6550"
     default_weight = 100.0
-    weight_axes = ("sample", "channel", "position")
+    weight_axes = ("sample", "channel", "position", "direction")
     adapter = "student_to_teacher"
     min_pairs = 1
     pair_kinds = ("map", "vector", "token")
@@ -78,8 +78,9 @@ class FitNet(Method):
     def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
         weights = inputs.weights
         channel, position, sample = weights.get("channel"), weights.get("position"), weights.get("sample")
+        metric = weights.get("direction")  # a C×C Fisher metric (fisher axis direction), not mean-1 weights
         terms = [
-            Fn.fitnet(s, t, channel_weight=channel, position_weight=position, sample_weight=sample)
+            Fn.fitnet(s, t, channel_weight=channel, position_weight=position, sample_weight=sample, metric=metric)
             for s, t in zip(inputs.student_features, inputs.teacher_features)
         ]
         return {"fitnet": torch.stack(terms).mean()}
