@@ -251,3 +251,10 @@ def test_the_engine_marks_its_distiller_when_it_mixes_batches():
         distiller = Distiller(student, teacher, [{"name": "kd", "fisher": {"axis": "sample", "mixed": "off"}}])
         Trainer(distiller, splits, TrainConfig(batch_size=16, augment={"mixup_alpha": alpha}), device="cpu")
         assert distiller.fisher["kd"].mixed_inputs == (alpha > 0)
+
+
+def test_wsl_scores_a_row_without_a_label_against_the_teachers_top_class():
+    student, teacher = torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[0.0, 0.5, 3.0]])
+    unlabelled = E.wsl_weight(student, teacher, torch.tensor([-100]))
+    as_top_class = E.wsl_weight(student, teacher, torch.tensor([2]))  # the teacher's argmax
+    torch.testing.assert_close(unlabelled, as_top_class)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fisherkd.core import model_logits, nearest
+from fisherkd.core import UNLABELLED, model_logits, nearest
 from fisherkd.functional.features import _channel_axis
 from fisherkd.taps import INPUT, parse_tap
 
@@ -80,10 +80,11 @@ def wsl_weight(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, t
     2021: a sample the student already fits better than the teacher (CE_s ≪ CE_t) carries a soft label whose bias
     would only pull it back, and gets a small weight; one the student gets wrong gets a weight near 1. (As in the
     authors' code, the ratio's denominator is CE_t + 1e-7.) Unlike the Fisher statistics it reads the student.
+    A row without a label (-100: a transfer input) is scored against the teacher's top class, its only label.
     """
     s = F.log_softmax(student_logits.detach().float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    label = target.long().unsqueeze(-1)
+    label = torch.where(target == UNLABELLED, t.argmax(-1), target.long()).unsqueeze(-1)
     ce_s, ce_t = -s.gather(-1, label).squeeze(-1), -t.gather(-1, label).squeeze(-1)
     return 1.0 - torch.exp(-ce_s / (ce_t + 1e-7))
 
