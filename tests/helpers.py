@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -63,3 +64,17 @@ def assert_trains(
     assert losses[-1] < losses[0], f"{spec['name']}: loss did not decrease: {losses[0]:.4g} -> {losses[-1]:.4g}"
     distiller.close()
     return losses
+
+
+# Every way a tensor's value reaches the host (each one a device sync on a GPU).
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+def forbid_host_reads(monkeypatch: pytest.MonkeyPatch, where: str = "the training step") -> None:
+    """Make any host read of a tensor fail until ``monkeypatch.undo()``."""
+
+    def read(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"host sync in {where}")
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, read)

@@ -13,6 +13,7 @@ from fisherkd.engine.schedule import lr_factor, lr_factor_tensor
 from fisherkd.errors import CheckpointError
 from fisherkd.run import train
 from fisherkd.tracking import read_metrics
+from helpers import forbid_host_reads
 
 
 def toy_splits(n: int = 96, seed: int = 0) -> DataSplits:
@@ -185,9 +186,6 @@ def test_the_training_step_reads_nothing_on_the_host(monkeypatch):
     trainer = Trainer(distiller, splits, config, device="cpu")
     steps = []
 
-    def sync(*args, **kwargs):
-        raise AssertionError("host read in the training step")
-
     def guarded(method):
         def run(*args, **kwargs):  # logging and evaluation may read; the step between them may not
             monkeypatch.undo()
@@ -195,8 +193,7 @@ def test_the_training_step_reads_nothing_on_the_host(monkeypatch):
                 return method(*args, **kwargs)
             finally:
                 steps.append(trainer.step)
-                for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
-                    monkeypatch.setattr(torch.Tensor, name, sync)
+                forbid_host_reads(monkeypatch)
         return run
 
     trainer._log_train = guarded(trainer._log_train)

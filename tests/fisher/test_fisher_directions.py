@@ -19,7 +19,7 @@ from fisherkd.engine.checkpoint import load_checkpoint, save_atomic
 from fisherkd.fisher import FisherBatch, FisherSpec, FisherWeighter
 from fisherkd.fisher import estimators as E
 from fisherkd.fisher.metric import fisher_metric, head_space_metric
-from helpers import TinyCNN, assert_trains, tiny_image_batch
+from helpers import TinyCNN, assert_trains, forbid_host_reads, tiny_image_batch
 
 
 def naive_direction(grad: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,11 +285,7 @@ def test_the_direction_step_reads_nothing_on_the_host(monkeypatch):
     ]
     distiller = Distiller(TinyCNN(4), TinyCNN(8), specs, example_input=x[:2])
 
-    def sync(*args, **kwargs):
-        raise AssertionError("host sync in the training step")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
+    forbid_host_reads(monkeypatch)
     for _ in range(2):
         out = distiller(x, y)
         out.loss.backward()

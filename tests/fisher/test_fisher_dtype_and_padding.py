@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fisherkd.fisher import FisherBatch, FisherSpec, FisherWeighter
 from fisherkd.fisher import estimators as E
 from fisherkd.models import create_model
-from helpers import TinyCNN
+from helpers import TinyCNN, forbid_host_reads
 
 BF16 = torch.bfloat16
 
@@ -230,11 +230,7 @@ def test_ignored_labels_of_the_empirical_fisher_are_left_out():
 def test_the_masked_estimates_read_nothing_on_the_host(monkeypatch):
     teacher, inputs, target, _ = padded_batch()
 
-    def sync(*args, **kwargs):
-        raise AssertionError("host sync in the Fisher estimate")
-
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
+    forbid_host_reads(monkeypatch, "the Fisher estimate")
     for fisher, tap in [({"axis": "class"}, None), ({"axis": "channel"}, "block"), ({"axis": "head"}, "probs"),
                         ({"axis": "token"}, "probs"), ({"axis": "position"}, "block"), ({"axis": "parameter"}, None)]:
         weighter = update_once(fisher, teacher, inputs, target, tap=tap)

@@ -142,22 +142,28 @@ class RecordGradients(TrainerCallback):
         self.grads.append([p.grad.clone() for p in params if p.grad is not None])
 
 
-def first_step(tmp_path, batch_size: int, accumulation: int) -> tuple[float, list[torch.Tensor]]:
+def one_step_causal_trainer(tmp_path, batch_size: int, accumulation: int, dataset: list) -> DistillationTrainer:
+    """A tiny GPT-2 pair for one optimizer step of ``batch_size`` × ``accumulation`` sequences."""
     torch.manual_seed(0)
-    trainer = DistillationTrainer(
+    return DistillationTrainer(
         model=tiny_gpt2(layers=1, hidden=8),
         teacher_model=tiny_gpt2(layers=2),
         distillation=causal_config(),
         args=arguments(
             tmp_path, max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation
         ),
-        # no padding of the inputs (so the per-batch attention term splits evenly), but labels with -100 on
-        # different numbers of tokens per example: the token terms must be normalised by the global count
-        train_dataset=[
-            {**e, "labels": torch.where(torch.arange(LENGTH) < LENGTH - 2 * i, e["labels"], -100)}
-            for i, e in enumerate(text_examples(4, causal=True, pad=False))
-        ],
+        train_dataset=dataset,
     )
+
+
+def first_step(tmp_path, batch_size: int, accumulation: int) -> tuple[float, list[torch.Tensor]]:
+    # no padding of the inputs (so the per-batch attention term splits evenly), but labels with -100 on
+    # different numbers of tokens per example: the token terms must be normalised by the global count
+    dataset = [
+        {**e, "labels": torch.where(torch.arange(LENGTH) < LENGTH - 2 * i, e["labels"], -100)}
+        for i, e in enumerate(text_examples(4, causal=True, pad=False))
+    ]
+    trainer = one_step_causal_trainer(tmp_path, batch_size, accumulation, dataset)
     recorder = RecordGradients(trainer)
     trainer.add_callback(recorder)
     trainer.train()
@@ -300,16 +306,7 @@ def test_lora_student(tmp_path):
 
 
 def first_log(tmp_path, batch_size: int, accumulation: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    trainer = DistillationTrainer(
-        model=tiny_gpt2(layers=1, hidden=8),
-        teacher_model=tiny_gpt2(layers=2),
-        distillation=causal_config(),
-        args=arguments(
-            tmp_path, max_steps=1, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation
-        ),
-        train_dataset=text_examples(4, causal=True, pad=False),
-    )
+    trainer = one_step_causal_trainer(tmp_path, batch_size, accumulation, text_examples(4, causal=True, pad=False))
     trainer.train()
     return trainer.state.log_history[0]
 
