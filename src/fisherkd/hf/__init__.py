@@ -1,6 +1,7 @@
 """Hugging Face Transformers integration: a ``DistillationTrainer``, layer maps for hidden/attention transfer,
-token-level LM distillation losses with bounded memory and an offline cache of the
-teacher's top-k logits (``topk_cache``; not the cache of trained teacher models under ``FISHERKD_CACHE``).
+token-level LM distillation losses with bounded memory, mixed-policy (on-policy, sequence-level) completions
+(``policy``) and an offline cache of the teacher's top-k logits (``topk_cache``; not the cache of trained teacher
+models under ``FISHERKD_CACHE``).
 
 The trainer is imported on first use, so the losses and the cache work without importing ``transformers``.
 """
@@ -8,6 +9,7 @@ The trainer is imported on first use, so the losses and the cache work without i
 from typing import Any
 
 from fisherkd.hf.layers import attention_pairs, check_vocabularies, hidden_pairs, layer_map, qkv_pairs
+from fisherkd.hf.policy import MixedPolicy, PolicyConfig, generate_completions
 from fisherkd.hf.token_losses import DIVERGENCES, Divergence, token_distillation_loss
 from fisherkd.hf.topk_cache import CachedTeacher, TopKTeacherBatch, cache_teacher_topk, topk_distillation_loss
 
@@ -28,10 +30,13 @@ __all__ = [
     "DistillationConfig",
     "DistillationTrainer",
     "Divergence",
+    "MixedPolicy",
+    "PolicyConfig",
     "TokenLossConfig",
     "TopKTeacherBatch",
     "attention_pairs",
     "cache_teacher_topk",
+    "generate_completions",
     "check_vocabularies",
     "hidden_pairs",
     "layer_map",

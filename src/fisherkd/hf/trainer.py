@@ -38,15 +38,25 @@ from transformers.training_args import ParallelMode
 from fisherkd.core import model_logits, nearest
 from fisherkd.distiller import Distiller, MethodSpec, as_spec
 from fisherkd.hf.layers import check_vocabularies
+from fisherkd.hf.policy import MixedPolicy, PolicyConfig
 from fisherkd.hf.token_losses import DIVERGENCES, check_divergence, chunk_rows, token_distillation_loss
 from fisherkd.methods import method_class
 
-__all__ = ["DISTILLER_STATE_NAME", "DistillationConfig", "DistillationTrainer", "TokenLossConfig"]
+__all__ = [
+    "DISTILLER_STATE_NAME",
+    "POLICY_STATE_NAME",
+    "DistillationConfig",
+    "DistillationTrainer",
+    "PolicyConfig",
+    "TokenLossConfig",
+]
 
 # A dataset column with each example's index, passed to the methods (CRD's memory bank) and kept by the Trainer.
 INDEX_COLUMN = "index"
 # The adapters' and methods' state (learned projections, Fisher statistics) inside every Trainer checkpoint.
 DISTILLER_STATE_NAME = "fisherkd_distiller.pt"
+# The mixed policy's state (DistiLLM threshold, replay buffer, source counts) inside every Trainer checkpoint.
+POLICY_STATE_NAME = "fisherkd_policy.pt"
 
 Task = Literal["auto", "causal_lm", "sequence_classification"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -114,6 +124,8 @@ class DistillationConfig:
     - ``token_loss``: causal LMs only; a :class:`TokenLossConfig` or a dict of its fields.
     - ``label_loss_weight``: weight of the student's own task loss (Hugging Face's cross-entropy, regression or
       multi-label loss); 0 leaves it out (for classification the ``ce`` method is the usual way to add it).
+    - ``policy``: causal LMs only; where completions come from (data, the student on-policy, the teacher,
+      DistiLLM's adaptive replay): a :class:`~fisherkd.hf.policy.PolicyConfig` or a dict of its fields.
     - ``teacher_dtype``: cast the frozen teacher, e.g. ``"bfloat16"`` to halve its memory; None keeps it.
     - ``task``: ``"auto"`` tells a causal LM by its class (Transformers' causal-LM mapping).
     """
@@ -121,6 +133,7 @@ class DistillationConfig:
     methods: list[Any] = field(default_factory=list)
     token_loss: TokenLossConfig | Mapping[str, Any] | None = None
     label_loss_weight: float = 0.0
+    policy: PolicyConfig | Mapping[str, Any] | None = None
     teacher_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     task: Task = "auto"
 
@@ -131,6 +144,10 @@ class DistillationConfig:
             raise ValueError(
                 f"token_loss must be a TokenLossConfig, a dict of its fields or None, got {self.token_loss!r}"
             )
+        if isinstance(self.policy, Mapping):
+            self.policy = PolicyConfig.from_mapping(self.policy)
+        elif self.policy is not None and not isinstance(self.policy, PolicyConfig):
+            raise ValueError(f"policy must be a PolicyConfig, a dict of its fields or None, got {self.policy!r}")
         self.methods = [as_spec(m) for m in self.methods]
         for spec in self.methods:
             # an unknown name or hyper-parameter fails here, with suggestions, rather than inside the Trainer
@@ -186,6 +203,11 @@ class _DistillerCallback(TrainerCallback):
         else:
             steps_per_epoch = max(state.max_steps / max(state.num_train_epochs, 1), 1)
         distiller.clock.configure(steps_per_epoch, step=state.global_step)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        policy = self.trainer.policy
+        if policy is not None and policy.config.adaptive and metrics and "eval_loss" in metrics:
+            policy.observe_validation_loss(metrics["eval_loss"])
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         for p in self.trainer.distiller_parameters():
@@ -266,6 +288,9 @@ class DistillationTrainer(Trainer):
                     )
         elif config.token_loss is not None:
             raise ValueError("token_loss is for causal LMs; for this model use logit methods such as 'kd'")
+        elif config.policy is not None:
+            raise ValueError("policy (generated completions) is for causal LMs; this model is not one")
+        self.policy = self._build_policy(config.policy)
         self.distiller = self._build_distiller(config.methods, example_input) if config.methods else None
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
@@ -281,6 +306,24 @@ class DistillationTrainer(Trainer):
         teacher.to(device=self._student_device(), dtype=dtype)
         if getattr(getattr(teacher, "config", None), "use_cache", False):
             teacher.config.use_cache = False  # a frozen teacher scores whole sequences: a KV cache is only memory
+
+    def _build_policy(self, config: PolicyConfig | None) -> MixedPolicy | None:
+        if config is None or not config.generates:
+            return None
+        generation = getattr(_unwrap_peft(self.model), "generation_config", None)
+        tokenizer = self.processing_class
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else getattr(generation, "pad_token_id", None)
+        eos = getattr(generation, "eos_token_id", None)
+        eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
+        if pad is None:
+            pad = eos[0] if isinstance(eos, list) else eos
+        if pad is None:
+            raise ValueError(
+                "policy generates completions but neither the tokenizer (processing_class=) nor the student's "
+                "generation_config names a pad or EOS token: pass processing_class=tokenizer"
+            )
+        return MixedPolicy(config, pad_token_id=pad, eos_token_id=eos, seed=self.args.seed)
 
     def _student_device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -343,6 +386,30 @@ class DistillationTrainer(Trainer):
         return self.accelerator.clip_grad_norm_([*model.parameters(), *extra], self.args.max_grad_norm)
 
     # ---- loss ----------------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The next accumulated batch, its completions replaced per the mixed policy *before* the labelled tokens
+        are counted, so that the loss is normalised by the completion tokens actually trained on."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.policy is not None and self.model.training:
+            for micro, batch in enumerate(batch_samples):
+                batch = self._prepare_inputs(batch)
+                batch_samples[micro], _ = self.policy(
+                    batch,
+                    self.state.global_step,
+                    micro,
+                    self.state.max_steps,
+                    student=self.model,
+                    teacher=self.teacher_model,
+                    process=self.args.process_index,
+                )
+            num_items = self._get_num_items_in_batch(batch_samples, device)
+        if self.causal_lm and batch_samples and num_items is not None and int(num_items) == 0:
+            raise ValueError(
+                f"the batch at step {self.state.global_step} has no labelled completion token (every label is "
+                "-100): check that prompts are not longer than max_length and that completions are labelled"
+            )
+        return batch_samples, num_items
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | int | None:
         if self.causal_lm:
@@ -460,6 +527,10 @@ class DistillationTrainer(Trainer):
             for name, total in self._term_sums.items():
                 logs[f"distill/{name}"] = (total / self._term_count).item()
             self._term_sums, self._term_count = {}, 0
+            if self.policy is not None:  # batches per completion source so far, and DistiLLM's threshold
+                logs |= {f"policy/{source}": count for source, count in self.policy.counts.items()}
+                if self.policy.config.adaptive:
+                    logs["policy/threshold"] = self.policy.threshold
         super().log(logs, start_time)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -470,11 +541,13 @@ class DistillationTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
-        if self.distiller is not None and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.distiller is not None:
             torch.save(self._distiller_state(), os.path.join(folder, DISTILLER_STATE_NAME))
+        if self.policy is not None:
+            torch.save(self.policy.state_dict(), os.path.join(folder, POLICY_STATE_NAME))
 
     def _load_distiller_state(self, folder: str) -> None:
         path = os.path.join(folder, DISTILLER_STATE_NAME)
@@ -498,6 +571,9 @@ class DistillationTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_distiller_state(resume_from_checkpoint)
+        path = os.path.join(resume_from_checkpoint, POLICY_STATE_NAME)
+        if self.policy is not None and os.path.isfile(path):
+            self.policy.load_state_dict(torch.load(path, weights_only=True))
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
