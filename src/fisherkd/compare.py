@@ -70,7 +70,7 @@ def method_recipe(name: str, options: CompareOptions, num_train: int) -> list[di
     if "num_data" in cls.Params.model_fields and "num_data" not in spec:
         spec["num_data"] = num_train  # a memory bank has one row per training sample
     label = {"name": "ce", "weight": cls.label_weight}
-    return [label, spec] if cls.needs_teacher else [spec]
+    return [spec] if name == "ce" else [label, spec]  # teacher-free uskd keeps its label loss too
 
 
 def build_variants(raw: dict[str, Any], methods: list[str] | None, num_train: int) -> dict[str, dict[str, Any]]:

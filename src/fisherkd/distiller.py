@@ -229,13 +229,15 @@ class Distiller(nn.Module):
         was_training = self.student.training
         self.student.eval()
         call_model(self.student, example_input)
-        call_model(self.teacher, example_input)
+        if self.teacher is not None:  # a teacher-free method (uskd) reads only the student side of its pair
+            call_model(self.teacher, example_input)
         self.student.train(was_training)
         device = next(self.student.parameters()).device
         for i, (spec, method) in enumerate(zip(self.specs, self.methods)):
             student_features, teacher_features = [], []
             for j, (s_name, t_name) in enumerate(spec.pairs):
-                student, teacher = self.student_taps[s_name], self.teacher_taps[t_name]
+                student = self.student_taps[s_name]
+                teacher = self.teacher_taps[t_name] if self.teacher_taps is not None else None
                 if method.adapter != "none" and method.wants_adapter(student, teacher):
                     where = f"method {spec.name!r}, pair student {s_name!r} -> teacher {t_name!r}"
                     adapter = make_adapter(student, teacher, where).to(device)
@@ -246,7 +248,8 @@ class Distiller(nn.Module):
             method.setup(student_features, teacher_features)
             method.to(device)
         self.student_taps.clear()
-        self.teacher_taps.clear()
+        if self.teacher_taps is not None:
+            self.teacher_taps.clear()
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -296,7 +299,7 @@ class Distiller(nn.Module):
                 feature = self.student_taps[s_name]
                 key = self.adapter_key(i, j)
                 student_features.append(self.adapters[key](feature) if key in self.adapters else feature)
-                teacher_features.append(self.teacher_taps[t_name])
+                teacher_features.append(self.teacher_taps[t_name] if self.teacher_taps is not None else None)
             terms = method(
                 MethodInputs(
                     student_logits=student_logits,

@@ -11,13 +11,14 @@ only on the directions the teacher's classifier reads (docs: DESIGN.md §4b).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fisherkd.functional.features import _batch_mean
-from fisherkd.functional.logits import _float32, kd
+from fisherkd.functional.logits import _float32, _kl, _log_probs, kd
 
-__all__ = ["head_kd", "simkd", "srrl"]
+__all__ = ["head_kd", "lelp", "simkd", "srrl"]
 
 
 def _check_head(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> None:
@@ -110,3 +111,37 @@ def srrl(
     feature = (_float32(student_feature) - _float32(teacher_feature)).pow(2).mean(1)
     regression = (logits - _float32(teacher_logits)).pow(2).mean(1)
     return _batch_mean(feature_weight * feature + logit_weight * regression, sample_weight, "srrl")
+
+
+def lelp(
+    student_subclass_logits: Tensor,
+    teacher_logits: Tensor,
+    teacher_feature: Tensor,
+    directions: Tensor,
+    centers: Tensor,
+    temperature: float = 1.0,
+    subclass_temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """LELP's loss (Loo et al., "Linear Projections of Teacher Embeddings for Few-Class Distillation", 2024).
+
+    τ² · mean_b KL(P_t ‖ P_s) over C·S pseudo-subclasses (S = ``directions.shape[1]`` per class), with
+      log P_t(c, j) = log softmax(z_t/τ)_c + log softmax_j(a_{c,j}/β),  a_{c,j} = ⟨v_{c,j}, h_t − μ_c⟩,
+      log P_s = log softmax(u/τ) over the C·S student logits u, ordered class-major (index c·S + j).
+    The teacher splits its probability of class c among that class's S pseudo-subclasses by where its embedding
+    h_t lies along the class's directions v_{c,j} (C×S×D, around the class centre μ_c, C×D); β is the subclass
+    temperature. Summing P_s over a class's subclasses gives the student's class probability.
+    """
+    classes, subclasses = directions.shape[:2]
+    if student_subclass_logits.shape[-1] != classes * subclasses or teacher_logits.shape[-1] != classes:
+        raise ValueError(
+            f"lelp: {classes} classes × {subclasses} subclasses need student logits of width {classes * subclasses} "
+            f"and teacher logits of width {classes}, got {student_subclass_logits.shape[-1]} and "
+            f"{teacher_logits.shape[-1]}"
+        )
+    h = _float32(teacher_feature)
+    scores = torch.einsum("csd,bcd->bcs", directions.to(h.dtype), h[:, None, :] - centers.to(h.dtype))
+    log_target = _log_probs(teacher_logits, temperature)[:, :, None] + _log_probs(scores, subclass_temperature)
+    per_sample = _kl(log_target.flatten(1), _log_probs(student_subclass_logits, temperature))
+    return _batch_mean(per_sample, sample_weight, "lelp") * temperature**2

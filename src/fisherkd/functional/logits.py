@@ -34,6 +34,7 @@ __all__ = [
     "skew_reverse_kl",
     "standardize_logits",
     "tvd",
+    "uskd",
 ]
 
 
@@ -437,3 +438,57 @@ def mlkd(
         classes = (p_t.T @ p_t - p_s.T @ p_s).square().sum() / p_s.shape[1]
         terms += [instance, batch, classes]
     return torch.stack(terms).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher-free
+
+
+def uskd(
+    student_logits: Tensor,
+    target: Tensor,
+    weak_logits: Tensor | None = None,
+    alpha: float = 0.1,
+    beta: float = 0.1,
+    mu: float = 0.1,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
+    Normalized Loss and Customized Soft Labels" (USKD, ICCV 2023): self-distillation with no teacher.
+
+    mean_n [ α·(−t̃_n·log p_y)  +  β·Σ_{i≠y} −q_i·log p̂_i  +  μ·Σ_c −ỹ_c·log softmax(w)_c ] with
+      p = softmax(z) the student's prediction, p̂ = softmax(z_{≠y}) over the non-target logits (target removed);
+      t̃ = p_y² + 1 − mean_batch(p_y²), the soft target label: the squared (smoothed) target probability, shifted so
+          that its batch mean is 1;
+      q = Zipf soft labels: every class ranked by the score r_i = w_i/(1 − w_y + ε) + log p_i/(1 − log p_y), the class
+          at rank k (1 = highest) given 1/k, the target dropped and the rest normalised to sum 1;
+      w = softmax of ``weak_logits``, a linear head on an intermediate feature, trained by the third term with the
+          label smoothed as ỹ = 0.9·onehot(y) + 0.1/C.
+    t̃ and q are constants (no gradient). The score r is the authors' code's (cls_KD, ``USKDLoss``, ε = 10⁻⁶): its
+    final-logit part uses log-probabilities; within one sample that part alone ranks the classes as p does. Without
+    ``weak_logits`` the ranks come from the final logits alone and the μ term is left out.
+    """
+    log_p = _log_probs(student_logits)
+    log_p_y = _at_target(log_p, target)
+    squared = log_p_y.detach().mul(2.0).exp()  # p_y², a constant label
+    soft_target = squared + 1.0 - squared.mean()
+    target_term = -soft_target * log_p_y
+
+    score = log_p.detach() / (1.0 - log_p_y.detach().unsqueeze(-1))
+    weak_term = None
+    if weak_logits is not None:
+        log_w = _log_probs(weak_logits)
+        w = log_w.detach().exp()
+        score = score + w / (1.0 - _at_target(w, target).unsqueeze(-1) + 1e-6)  # the authors' 1e-6: w_y may round to 1
+        smoothed = F.one_hot(target.long(), log_w.shape[-1]).to(log_w.dtype) * 0.9 + 0.1 / log_w.shape[-1]
+        weak_term = -(smoothed * log_w).sum(-1)
+    rank = score.argsort(-1, descending=True).argsort(-1)  # 0 for the highest-scoring class
+    zipf = _non_target(1.0 / (rank + 1).to(log_p.dtype), target)
+    zipf = zipf / zipf.sum(-1, keepdim=True)
+    non_target = -(zipf * _log_probs(_non_target(student_logits, target))).sum(-1)
+
+    per_sample = alpha * target_term + beta * non_target
+    if weak_term is not None:
+        per_sample = per_sample + mu * weak_term
+    return _batch_mean(per_sample, sample_weight)

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fisherkd.functional.features import _batch_mean
-from fisherkd.functional.logits import _float32
+from fisherkd.functional.logits import _float32, _log_mixture
 
-__all__ = ["cc", "cka", "crd_nce", "crd_normalizer", "pkt", "relation", "rkd", "sp"]
+__all__ = ["cc", "cka", "crd_nce", "crd_normalizer", "mi_alpha", "pkt", "relation", "rkd", "sp"]
 
 
 def _flat_pair(student: Tensor, teacher: Tensor, name: str, min_batch: int = 1) -> tuple[Tensor, Tensor]:
@@ -212,3 +212,31 @@ def crd_nce(
     log_positive = torch.log(probabilities[:, 0] / (probabilities[:, 0] + m + eps))
     log_negatives = torch.log(m / (probabilities[:, 1:] + m + eps)).sum(1)
     return _batch_mean(-(log_positive + log_negatives), sample_weight, "crd")
+
+
+def mi_alpha(
+    scores: Tensor, log_baseline: Tensor, alpha: float = 0.5, *, sample_weight: Tensor | None = None
+) -> Tensor:
+    """MI-α (He et al., "Distiller: A Systematic Study of Model Distillation Methods in Natural Language
+    Processing", SustaiNLP 2021): minus the interpolated lower bound I_α on the mutual information between student
+    and teacher representations (Poole et al., "On Variational Bounds of Mutual Information", ICML 2019).
+
+    With critic scores S_ij = f(x_i, y_j) (student sample i, teacher sample j; the batch's diagonal pairs are the
+    joint samples) and a baseline log q(y_j):
+      I_α = 1 + mean_j [S_jj − log d_j] − mean_j mean_k exp(S_kj − log d_j),
+      d_j = α·m_j + (1 − α)·q(y_j),  m_j = mean_k exp(S_kj),
+    m_j the Monte-Carlo partition estimate over the batch's N student samples (the paper's K + 1 = the batch), and
+    the marginal expectation taken over the same N samples. α = 1 gives InfoNCE, mean_j log(exp S_jj / m_j)
+    (≤ log N); α = 0 the TUBA bound with baseline q; larger α lowers the variance and raises the bias. Returns
+    −I_α (a loss; the critics and the student raise the bound). ``sample_weight`` weights the teacher samples j.
+    """
+    s = _float32(scores)
+    if s.dim() != 2 or s.shape[0] != s.shape[1] or log_baseline.shape != s.shape[:1]:
+        raise ValueError(
+            f"mi_alpha: needs N×N critic scores and N baselines, got {tuple(s.shape)} and {tuple(log_baseline.shape)}"
+        )
+    log_m = s.logsumexp(0) - math.log(s.shape[0])
+    log_d = _log_mixture(log_m, log_baseline.to(s.dtype), alpha)
+    joint = s.diagonal() - log_d
+    marginal = (s - log_d).exp().mean(0)
+    return _batch_mean(-(1.0 + joint - marginal), sample_weight, "mi_alpha")

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from fisherkd import functional as Fn
 from fisherkd.core import Inputs, call_model, nearest
+from fisherkd.engine.distributed import all_reduce_sum
 from fisherkd.methods.base import Hyperparameters, Method, MethodInputs, register
 from fisherkd.methods.features import as_map, check_built, check_channels
 from fisherkd.taps import Taps
@@ -318,3 +320,178 @@ class SRRL(_HeadMethod):
             sample_weight=inputs.weights.get("sample"),
         )
         return {"srrl": loss}
+
+
+def _random_rotations(count: int, size: int, seed: int) -> Tensor:
+    """``count`` random S×S orthonormal matrices (QR of Gaussian matrices, signs fixed by R's diagonal: Haar)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(count, size, size, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+
+
+def lelp_directions(
+    count: Tensor, total: Tensor, second: Tensor, projector: Tensor, rotations: Tensor
+) -> tuple[Tensor, Tensor]:
+    """LELP's pseudo-subclass directions from per-class sums of teacher embeddings.
+
+    For class c with n_c embeddings, sum s_c and sum of outer products M_c: centre μ_c = s_c/n_c, covariance
+    Σ_c = M_c/n_c − μ_cμ_cᵀ, projected P Σ_c P onto the null space of the teacher's classifier (P = I − W⁺W, or I);
+    its top S eigenvectors U_c (sign: largest entry positive), rotated by the class's random orthonormal R_c (S×S,
+    so that the S directions share the variance) and divided by √(mean of the S eigenvalues), so the scores
+    ⟨v, h − μ_c⟩ have mean variance 1. Classes with fewer than 2 embeddings get zero directions (an even split).
+    Returns directions C×S×D and centres C×D.
+    """
+    subclasses = rotations.shape[-1]
+    n = count.clamp_min(1.0)[:, None]
+    mean = total / n
+    covariance = second / n[:, :, None] - mean[:, :, None] * mean[:, None, :]
+    covariance = projector @ covariance @ projector
+    values, vectors = torch.linalg.eigh((covariance + covariance.transpose(1, 2)) / 2)
+    values, vectors = values[:, -subclasses:].flip(-1).clamp_min(0.0), vectors[:, :, -subclasses:].flip(-1)
+    largest = vectors.abs().argmax(1, keepdim=True)
+    vectors = vectors * torch.sign(vectors.gather(1, largest))
+    rotated = (vectors @ rotations.transpose(1, 2)).transpose(1, 2)  # row j = Σ_k R_jk u_k
+    scale = values.mean(-1).sqrt()
+    usable = (count >= 2) & (scale > 0)
+    directions = rotated / torch.where(usable, scale, 1.0)[:, None, None]
+    return torch.where(usable[:, None, None], directions, 0.0), mean
+
+
+class _SubclassReadout(nn.Module):
+    """Class logits from C·S subclass logits: log Σ_j exp(u_{c,j}), so softmax gives Σ_j P(c, j)."""
+
+    def __init__(self, head: nn.Linear, classes: int, subclasses: int) -> None:
+        super().__init__()
+        self.head, self.classes, self.subclasses = head, classes, subclasses
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x).unflatten(-1, (self.classes, self.subclasses)).logsumexp(-1)
+
+
+@register("lelp")
+class LELP(_HeadMethod):
+    """Few-class KD: PCA directions of the teacher's embedding split each class into S learned pseudo-subclasses.
+
+    S=5, τ=β=1, loss weight 1, label weight 0; the student learns the C·S subclasses through a head of its own.
+
+    Paper: Loo, Iliopoulos, Hu, Vee, "Linear Projections of Teacher Embeddings for Few-Class Distillation"
+    (arXiv:2409.20449, 2024). The pair is (student's penultimate feature, the teacher's classifier input ``head:in``
+    or the map it pools). Per class (the teacher's predicted class) the teacher embeddings are projected onto the
+    null space of the teacher's classifier W (what the logits already say is left out; ``null_space``), their top S
+    principal directions are mixed by a fixed random rotation (equal variance per direction) and scaled to unit mean
+    variance (see :func:`lelp_directions`); the teacher's subclass distribution is
+    P_t(c, j) = softmax(z_t/τ)_c · softmax_j(⟨v_{c,j}, h_t − μ_c⟩/β), and the student's linear head on its
+    feature (C·S outputs, this method's own) learns it by τ²·KL (:func:`fisherkd.functional.lelp`). After training
+    the student predicts through that head, P_s(c) = Σ_j P_s(c, j) (``predict_with_subclass_head``), and the label
+    loss is off, as in the paper's runs (α = 0).
+
+    Where the paper computes the PCA once over the training set before distilling, here the per-class sums of the
+    teacher embeddings accumulate over the training batches (float64, C·D² numbers, summed over DDP ranks) and the
+    directions are recomputed after every optimizer step (C eigendecompositions of D×D: cheap for few classes, and
+    a device sync on a GPU), so from the first epoch's end they are the PCA of the training data the teacher saw;
+    the first step's targets split each class evenly. The form of P_t (class probability times a within-class
+    softmax of the projections), the unit-variance scaling and the defaults S=5, τ=β=1 are this library's reading
+    of the paper (whose code and appendix were not available to us); the paper tunes S and β per task.
+    """
+
+    paper = "Loo et al. 2024, arXiv:2409.20449"
+    default_weight = 1.0
+    label_weight = 0.0
+    pair_kinds = ("vector", "map")
+
+    class Params(Hyperparameters):
+        subclasses: PositiveInt = 5
+        temperature: PositiveFloat = 1.0
+        subclass_temperature: PositiveFloat = 1.0
+        null_space: bool = True
+        seed: int = 0
+        head: str | None = Field(None, description=HEAD_HELP)
+        predict_with_subclass_head: bool = True
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        self.subclass_head: nn.Linear | None = None
+        self._student_feature: tuple[int, torch.device] | None = None
+
+    def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        feature = pooled(student_features[0])
+        self._student_feature = (feature.shape[1], feature.device)
+        self._remember_width(teacher_features)
+
+    def _find_classifier(self) -> None:
+        super()._find_classifier()
+        if self._head and self._student_feature is not None and self.subclass_head is None:
+            self._build(self._head[0])
+
+    def _build(self, classifier: nn.Linear) -> None:
+        width, device = self._student_feature
+        h = self.hparams
+        weight = classifier.weight.detach().to(device=device, dtype=torch.float64)
+        classes, dim = weight.shape
+        eye = torch.eye(dim, dtype=torch.float64, device=device)
+        projector = eye - torch.linalg.pinv(weight) @ weight if h.null_space else eye
+        free = int(torch.linalg.matrix_rank(projector))
+        if free < h.subclasses:
+            raise ValueError(
+                f"lelp: the teacher's {dim}-dim embedding leaves {free} directions outside its classifier's rows, "
+                f"fewer than subclasses={h.subclasses}: lower subclasses or set null_space=False"
+            )
+        self.register_buffer("projector", projector)
+        self.register_buffer("rotations", _random_rotations(classes, h.subclasses, h.seed).to(device))
+        self.register_buffer("count", torch.zeros(classes, dtype=torch.float64, device=device))
+        self.register_buffer("total", torch.zeros(classes, dim, dtype=torch.float64, device=device))
+        self.register_buffer("second", torch.zeros(classes, dim, dim, dtype=torch.float64, device=device))
+        self.register_buffer("directions", torch.zeros(classes, h.subclasses, dim, device=device))
+        self.register_buffer("centers", torch.zeros(classes, dim, device=device))
+        self.subclass_head = nn.Linear(width, classes * h.subclasses).to(device)
+
+    @torch.no_grad()
+    def _accumulate(self, embedding: Tensor, teacher_logits: Tensor) -> None:
+        h = embedding.to(torch.float64)
+        member = F.one_hot(teacher_logits.argmax(-1), self.count.shape[0]).to(h.dtype)  # the teacher's class
+        # summed over DDP ranks, so every replica holds the statistics of the global batch
+        self.count += all_reduce_sum(member.sum(0))
+        self.total += all_reduce_sum(member.T @ h)
+        self.second += all_reduce_sum(torch.einsum("bcd,be->cde", member[:, :, None] * h[:, None, :], h))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.subclass_head is not None:
+            directions, centers = lelp_directions(self.count, self.total, self.second, self.projector, self.rotations)
+            self.directions.copy_(directions)
+            self.centers.copy_(centers)
+
+    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        check_built("lelp", self.subclass_head is not None)
+        if inputs.teacher_logits is None:
+            raise ValueError("lelp: reads the teacher's class probabilities, but no teacher logits were given")
+        teacher = pooled(inputs.teacher_features[0]).detach()
+        if teacher.shape[1] != self.projector.shape[0]:
+            raise ValueError(
+                f"lelp: the teacher feature has {teacher.shape[1]} dims, but the method was built for "
+                f"{self.projector.shape[0]}: feed the same layer as the example batch"
+            )
+        if self.training:
+            self._accumulate(teacher, inputs.teacher_logits.detach())
+        student = pooled(inputs.student_features[0])
+        h = self.hparams
+        loss = Fn.lelp(
+            self.subclass_head(student.to(self.subclass_head.weight.dtype)),
+            inputs.teacher_logits.detach(),
+            teacher,
+            self.directions,
+            self.centers,
+            h.temperature,
+            h.subclass_temperature,
+            sample_weight=inputs.weights.get("sample"),
+        )
+        return {"lelp": loss}
+
+    def inference_model(
+        self, student: nn.Module, teacher: nn.Module | None, pairs: list[tuple[str, str]], adapters: list
+    ) -> nn.Module | None:
+        if not self.hparams.predict_with_subclass_head:
+            return None
+        check_built("lelp", self.subclass_head is not None)
+        readout = _SubclassReadout(self.subclass_head, self.count.shape[0], self.hparams.subclasses)
+        return TeacherHeadPredictor(student, pairs[0][0], nn.Identity(), readout)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from fisherkd import functional as Fn
 from fisherkd.functional.logits import _check_jsd_beta
 from fisherkd.methods.base import Hyperparameters, Method, MethodInputs, register
+from fisherkd.methods.head import pooled
 
 Positive = Annotated[float, Field(gt=0.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
@@ -424,3 +425,72 @@ class MLKD(LogitMethod):
 
     class Params(LogitParams):
         temperatures: tuple[Positive, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
+
+
+def _student_classes(student: nn.Module, method: str) -> int:
+    """The number of classes of a student: the output width of its last ``nn.Linear`` (its classifier)."""
+    linears = [m for m in student.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{method}: the student has no nn.Linear classifier to count its classes: set num_classes=")
+    return linears[-1].out_features
+
+
+@register("uskd")
+class USKD(Method):
+    """Teacher-free self-KD: NKD's loss on customised soft labels (smoothed target, Zipf non-target). α=β=μ=0.1.
+
+    Paper: Yang et al., "From Knowledge Distillation to Self-Knowledge Distillation: A Unified Approach with
+    Normalized Loss and Customized Soft Labels" (USKD), ICCV 2023; code github.com/yzd-v/cls_KD. Loss
+    α·(−t̃·log p_y) + β·Σ_{i≠y} −q_i·log p̂_i + μ·CE_0.1(w, y) (see :func:`fisherkd.functional.uskd`): t̃ = p_y² shifted
+    to batch mean 1, q Zipf (1/rank) over the classes ranked by the student's own predictions, p̂ the softmax over the
+    non-target logits as in NKD. With one layer pair (``pairs: [[student_layer, <ignored>]]``) a linear "weak" head
+    w on that student feature (average-pooled when a map) joins the ranking and is trained by label-smoothed (0.1)
+    cross-entropy, as the authors do with the pooled output of the stage before the last; without a pair the ranks
+    come from the final logits alone. Only the student side of the pair is read, so no teacher is needed.
+    Defaults: the authors' CIFAR-100 config (``res18_sd_cifar.py``: α=0.1, β=0.1, μ=0.1); their ImageNet configs use
+    α=1, β=0.1, μ=0.005. The usual label cross-entropy (weight 1) stays; loss weight 1.
+    """
+
+    family = "label"  # a loss on the student's own predictions and labels: no teacher logits to compare with
+    paper = "Yang et al. ICCV 2023, arXiv:2303.13005"
+    default_weight = 1.0
+    needs_teacher = False
+    needs_target = True
+    max_pairs = 1
+    pair_kinds = ("vector", "map")
+
+    class Params(Hyperparameters):
+        alpha: NonNegative = 0.1
+        beta: NonNegative = 0.1
+        mu: NonNegative = 0.1
+        num_classes: Annotated[int, Field(ge=2)] | None = Field(
+            None, description="classes of the weak head (default: the output width of the student's last nn.Linear)"
+        )
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__(**hparams)
+        self.weak_head: nn.Linear | None = None
+        self._feature: tuple[int, torch.device] | None = None  # width and device of the tapped feature, from setup
+
+    def setup(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> None:
+        feature = pooled(student_features[0])
+        self._feature = (feature.shape[1], feature.device)
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        # the head's width comes from setup, its classes from the student: both are known only here
+        if self._feature is not None and self.weak_head is None:
+            width, device = self._feature
+            classes = self.hparams.num_classes or _student_classes(student, self.name)
+            self.weak_head = nn.Linear(width, classes).to(device)
+
+    def forward(self, inputs: MethodInputs) -> dict[str, Tensor]:
+        weak = None
+        if inputs.student_features:
+            if self.weak_head is None:
+                raise RuntimeError(
+                    "uskd: its weak head is built from the tapped feature: use it through a Distiller given "
+                    "example_input=, or call method.setup(...) and method.bind(student, None) first"
+                )
+            weak = self.weak_head(pooled(inputs.student_features[0]).to(self.weak_head.weight.dtype))
+        h = self.hparams
+        return {"uskd": Fn.uskd(inputs.student_logits, inputs.target, weak, h.alpha, h.beta, h.mu)}
