@@ -44,23 +44,9 @@ from pathlib import Path
 import torch
 
 from fisherkd.provenance import provenance
+from rss import reset_peak, rss_bytes  # noqa: E402  (benchmarks/ is the script's folder)
 
 RESULT = Path(__file__).parent / "results" / "token_loss_memory_cpu.json"
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -53,3 +53,14 @@ def test_rows_with_non_finite_logits_are_never_right():
     assert values["agreement"] == 0.25
     assert values["teacher_accuracy"] == 0.75  # the teacher's NaN row is wrong, its other three are right
     assert abs(values["agreement_teacher_right"] - 1 / 3) < 1e-6
+
+
+def test_rouge_l_by_hand():
+    from fisherkd.metrics import rouge_l
+
+    # LCS of "a b c d e" and "a x c e" is "a c e" (3): P = 3/5, R = 3/4, F = 2·0.6·0.75/1.35 = 2/3
+    assert abs(rouge_l("abcde", "axce") - 2 / 3) < 1e-12
+    assert rouge_l([1, 2, 3], [1, 2, 3]) == 1.0
+    assert rouge_l([1, 2], [3, 4]) == 0.0 and rouge_l([], [1]) == 0.0
+    # order matters: the reverse shares a single-token subsequence only
+    assert abs(rouge_l([1, 2, 3], [3, 2, 1]) - 1 / 3) < 1e-12

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,3 +65,22 @@ class FidelityMeter:
             }
         stacked = torch.stack(list(values.values())).tolist()  # one host transfer
         return {k: v for k, v in zip(values, stacked) if v == v}  # drop NaN (e.g. a teacher that is never wrong)
+
+
+def rouge_l(candidate: Sequence[Hashable], reference: Sequence[Hashable]) -> float:
+    """ROUGE-L F1 (Lin, "ROUGE: A Package for Automatic Evaluation of Summaries", 2004) of two token sequences:
+    with L the length of their longest common subsequence, P = L/|candidate|, R = L/|reference|, F = 2PR/(P + R);
+    0 when either is empty or they share nothing."""
+    if not candidate or not reference:
+        return 0.0
+    previous = [0] * (len(reference) + 1)
+    for token in candidate:  # dynamic programme over the LCS table, one row at a time
+        current = [0]
+        for j, other in enumerate(reference):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    common = previous[-1]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(candidate), common / len(reference)
+    return 2 * precision * recall / (precision + recall)

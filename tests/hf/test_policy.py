@@ -298,3 +298,21 @@ def test_a_batch_without_completion_tokens_is_an_error_not_a_zero(tmp_path):
 def test_policy_config_errors(fields, message):
     with pytest.raises(ValueError, match=message):
         DistillationConfig(token_loss={}, policy=fields)
+
+
+def test_scored_logits_only_equals_the_full_logits_path(tmp_path):
+    """Asking the models for the scored positions' logits only changes neither the loss nor the gradients."""
+    results = []
+    for scored_only in (True, False):
+        trainer = on_policy_trainer(tmp_path / str(scored_only), {}, max_steps=1)
+        trainer.distillation.label_loss_weight = 0.5
+        assert trainer.scored_logits_only  # GPT-2 takes logits_to_keep
+        trainer.scored_logits_only = scored_only
+        recorder = RecordGradients(trainer)
+        trainer.add_callback(recorder)
+        trainer.train()
+        results.append((losses(trainer)[0], recorder.grads[0]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert math.isclose(loss_a, loss_b, rel_tol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -20,6 +20,7 @@ every labelled token against the teacher's next-token distribution.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import warnings
@@ -32,6 +33,11 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+try:  # Transformers >= 5: logits_to_keep may be a boolean [batch, tokens] mask
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:
+    slice_logits_to_keep = None
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
@@ -292,6 +298,17 @@ class DistillationTrainer(Trainer):
             raise ValueError("policy (generated completions) is for causal LMs; this model is not one")
         self.policy = self._build_policy(config.policy)
         self.distiller = self._build_distiller(config.methods, example_input) if config.methods else None
+        # A causal LM trained by the token and label losses alone asks both models for the scored positions' logits
+        # only (``logits_to_keep`` as a boolean [batch, tokens] mask, Transformers >= 5).
+        self.scored_logits_only = (
+            self.causal_lm
+            and self.distiller is None
+            and slice_logits_to_keep is not None
+            and all(
+                "logits_to_keep" in inspect.signature(_unwrap_peft(m).forward).parameters
+                for m in (self.model, teacher_model)
+            )
+        )
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
         self.add_callback(_DistillerCallback(self))
@@ -431,16 +448,27 @@ class DistillationTrainer(Trainer):
         config = self.distillation
         labels = inputs.get("labels")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the teacher need not compute a loss
-        student_logits, teacher_logits, batch_terms, stats = self._forward(model, model_inputs, labels)
-        token_terms: dict[str, Tensor] = {}
         if (config.label_loss_weight or config.token_loss is not None) and labels is None:
             raise ValueError(self._missing_labels_message())
+        shift = True
+        if self.scored_logits_only and labels is not None and not return_outputs:
+            # Only the scored positions (those followed by a labelled token) go through either LM head: no
+            # [batch × tokens × vocab] logits for prompts and padding. Logits come back as [scored, vocab], and
+            # the labels are shifted here, once.
+            scored = torch.zeros_like(labels, dtype=torch.bool)
+            scored[:, :-1] = labels[:, 1:] != -100
+            model_inputs["logits_to_keep"] = scored
+            labels, shift = labels[:, 1:][scored[:, :-1]][None], False
+        student_logits, teacher_logits, batch_terms, stats = self._forward(model, model_inputs, labels)
+        if not shift:
+            student_logits, teacher_logits = student_logits[None], teacher_logits[None]
+        token_terms: dict[str, Tensor] = {}
         if config.label_loss_weight:
-            loss = self._label_loss(student_logits, labels, num_items_in_batch)
+            loss = self._label_loss(student_logits, labels, num_items_in_batch, shift)
             (token_terms if self.causal_lm else batch_terms)["label"] = config.label_loss_weight * loss
         if config.token_loss is not None:
             token_terms["token"] = config.token_loss.weight * self._token_loss(
-                student_logits, teacher_logits, labels, num_items_in_batch
+                student_logits, teacher_logits, labels, num_items_in_batch, shift
             )
         # Every term as its micro-batch's share of the mean over the accumulated batch, like a per-batch term: the
         # loss divides all of them by the micro-batch count and the log averages them over the micro-batches.
@@ -476,14 +504,22 @@ class DistillationTrainer(Trainer):
         out = self.distiller(inputs, None if self.causal_lm else labels, index=index)
         return out.logits, out.teacher_logits, dict(out.losses), out.stats
 
-    def _label_loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+    def _label_loss(
+        self, logits: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None, shift: bool = True
+    ) -> Tensor:
         """The student's own task loss, by Transformers' loss functions (so regression / multi-label work too)."""
         if self.causal_lm:
-            return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+            shifted = {} if shift else {"shift_labels": labels}
+            return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch, **shifted)
         return ForSequenceClassificationLoss(labels, logits, _unwrap_peft(self.model).config)
 
     def _token_loss(
-        self, student: Tensor, teacher: Tensor, labels: Tensor, num_items_in_batch: Tensor | int | None
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor,
+        num_items_in_batch: Tensor | int | None,
+        shift: bool = True,
     ) -> Tensor:
         c = self.distillation.token_loss
         return token_distillation_loss(
@@ -495,6 +531,7 @@ class DistillationTrainer(Trainer):
             beta=c.beta,
             alpha=c.alpha,
             chunk_size=c.chunk_size,
+            shift=shift,
             num_items=num_items_in_batch,
             vocab_truncation=c.vocab_truncation,
         )
