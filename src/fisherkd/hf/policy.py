@@ -144,7 +144,8 @@ def generate_completions(
     sample = config.temperature > 0
     options: dict[str, Any] = {"do_sample": sample}
     if sample:
-        options |= {"temperature": config.temperature, "top_k": config.top_k or None, "top_p": config.top_p}
+        # top_k=0 and top_p=1 switch those filters off (None would fall back on the model's generation_config)
+        options |= {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p}
     devices = [prompt.device] if prompt.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
