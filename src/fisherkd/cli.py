@@ -1,4 +1,4 @@
-"""The ``fisherkd`` command line: train, eval, methods, demo, export."""
+"""The ``fisherkd`` command line: train, eval, methods, demo, export, refine-data, search-student."""
 
 from __future__ import annotations
 
@@ -121,6 +121,59 @@ def cmd_export(args: argparse.Namespace) -> None:
         console.print(line, soft_wrap=True)  # no wrapping: paths stay whole, to be copied
 
 
+def cmd_refine_data(args: argparse.Namespace) -> None:
+    import rich.progress as rp
+    import torch
+
+    from fisherkd.hf.refine import load_causal_lm, read_corpus, refine_corpus
+
+    if not 0 < args.keep_ratio <= 1:  # checked before the models load
+        raise UserError(f"--keep-ratio must be in (0, 1] (the fraction of documents kept), got {args.keep_ratio}")
+    texts = read_corpus(args.corpus)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    teacher, tokenizer = load_causal_lm(args.teacher, "--teacher")
+    reference, reference_tokenizer = load_causal_lm(args.reference, "--reference")
+    columns = (rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn())
+    columns += (rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[info]}"))
+    with rp.Progress(*columns, console=console) as progress:
+        report = refine_corpus(
+            teacher.to(device),
+            reference.to(device),
+            tokenizer,
+            texts,
+            args.keep_ratio,
+            args.output,
+            reference_tokenizer=reference_tokenizer,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            progress=progress,
+        )
+    console.print(
+        f"kept {report['kept']} of {report['documents']} documents in {Path(args.output) / 'refined.jsonl'}; "
+        f"report {Path(args.output) / 'report.md'}",
+        soft_wrap=True,
+    )
+
+
+def cmd_search_student(args: argparse.Namespace) -> None:
+    from fisherkd.search import make_space, run_search
+
+    config = load_config(args.config, args.overrides)
+    specs: list = [name.strip() for name in args.space.split(",") if name.strip()] if args.space else []
+    if args.space_file:
+        raw = read_yaml(args.space_file, "search space file")
+        specs += raw["spaces"] if isinstance(raw.get("spaces"), list) else [raw]
+    if not specs:
+        family = config.student.name or ""
+        if family not in ("mlp", "cnn1d") and not family.startswith("resnet"):
+            raise UserError(f"the config's student {family!r} has no search space: give --space mlp, cnn1d or resnet")
+        specs = ["resnet:" + family if family.startswith("resnet") else family]
+    spaces = [make_space(spec) for spec in specs]
+    output = Path(args.output) if args.output else Path("runs") / f"search-{Path(args.config).stem}"
+    run_search(config, spaces, output, args.population, args.generations, args.budget, args.batches,
+               args.batch_size, args.seed, args.inits, console=console)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake raised as a :class:`UserError` so that it prints in one line like the rest."""
 
@@ -190,6 +243,36 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="default: RUN_DIR/export")
     export.add_argument("--device", default="auto", help="where teacher and student are timed for the card")
     export.set_defaults(func=cmd_export)
+
+    refine = sub.add_parser(
+        "refine-data", help="keep the documents a teacher finds likelier than a reference model (MiniPLM)"
+    )
+    refine.add_argument("--teacher", required=True, help="a local Hugging Face model folder or a .gguf file")
+    refine.add_argument("--reference", required=True, help="the small reference model: folder or .gguf")
+    refine.add_argument("--corpus", required=True, help="a JSONL file with a 'text' field, or a folder of .txt files")
+    refine.add_argument("--keep-ratio", type=float, required=True, help="fraction of documents kept, in (0, 1]")
+    refine.add_argument("--output", required=True, help="folder for refined.jsonl, the report and the resumable scores")
+    refine.add_argument("--batch-size", type=positive_int, default=8)
+    refine.add_argument("--max-length", type=positive_int, default=1024, help="longer documents are chunked")
+    refine.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    refine.set_defaults(func=cmd_refine_data)
+    search = sub.add_parser(
+        "search-student", help="DisWOT: rank candidate students for a config's teacher without training them"
+    )
+    search.add_argument("config", help="a run config: its teacher (cached, or trained once) and data")
+    search.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    search.add_argument("--space", help="families, comma-separated: mlp, cnn1d, resnet, resnet:resnet8x4 (default: "
+                        "the config student's family)")
+    search.add_argument("--space-file", help="YAML: {family: mlp, depths: [...], widths: [...]} or spaces: [...]")
+    search.add_argument("--population", type=positive_int, default=16)
+    search.add_argument("--generations", type=int, default=10, help="0: score the first population only")
+    search.add_argument("--budget", type=positive_int, help="keep only students with at most this many parameters")
+    search.add_argument("--batches", type=positive_int, default=3, help="training batches each student is scored on")
+    search.add_argument("--batch-size", type=positive_int, default=64)
+    search.add_argument("--inits", type=positive_int, default=1, help="random inits each student's score averages")
+    search.add_argument("--seed", type=int, default=0, help="seeds sampling, mutation, batches and student inits")
+    search.add_argument("--output", help="default: runs/search-<config name>")
+    search.set_defaults(func=cmd_search_student)
     return parser
 
 
