@@ -14,7 +14,9 @@ method, tap and adapter works as in the rest of FisherKD, and adds for causal LM
     trainer.train()
 
 For a causal LM, ``DistillationConfig(token_loss={"divergence": "reverse_kl"}, label_loss_weight=0.5)`` scores
-every labelled token against the teacher's next-token distribution.
+every labelled token against the teacher's next-token distribution. A teacher with another tokenizer:
+``DistillationConfig(cross_tokenizer={"loss": "uld"})`` with ``teacher_processing_class=teacher_tokenizer``
+(see :mod:`fisherkd.hf.cross_tokenizer`).
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ from transformers.training_args import ParallelMode
 
 from fisherkd.core import model_logits, nearest
 from fisherkd.distiller import Distiller, MethodSpec, as_spec
-from fisherkd.hf.layers import check_vocabularies
+from fisherkd.functional.cross_tokenizer import span_kl_loss, uld_loss
+from fisherkd.hf.alignment import vocab_map
+from fisherkd.hf.cross_tokenizer import DEFAULT_LABEL_WEIGHTS, CrossTokenizerConfig, align_batch
+from fisherkd.hf.layers import check_vocabularies, vocab_size
 from fisherkd.hf.policy import MixedPolicy, PolicyConfig
 from fisherkd.hf.token_losses import DIVERGENCES, check_divergence, chunk_rows, token_distillation_loss
 from fisherkd.methods import method_class
 
 __all__ = [
+    "CrossTokenizerConfig",
     "DISTILLER_STATE_NAME",
     "POLICY_STATE_NAME",
     "DistillationConfig",
@@ -63,6 +69,10 @@ INDEX_COLUMN = "index"
 DISTILLER_STATE_NAME = "fisherkd_distiller.pt"
 # The mixed policy's state (DistiLLM threshold, replay buffer, source counts) inside every Trainer checkpoint.
 POLICY_STATE_NAME = "fisherkd_policy.pt"
+# Batch entries added by the cross-tokenizer alignment (see fisherkd.hf.cross_tokenizer.align_batch); the number
+# of aligned pairs of the whole accumulated batch, counted in get_batch_samples, normalises the loss.
+ALIGNMENT_KEYS = ("teacher_input_ids", "teacher_attention_mask", "aligned_positions")
+ALIGNED_ROWS_KEY = "aligned_rows_in_batch"
 
 Task = Literal["auto", "causal_lm", "sequence_classification"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -130,6 +140,12 @@ class DistillationConfig:
     - ``token_loss``: causal LMs only; a :class:`TokenLossConfig` or a dict of its fields.
     - ``label_loss_weight``: weight of the student's own task loss (Hugging Face's cross-entropy, regression or
       multi-label loss); 0 leaves it out (for classification the ``ce`` method is the usual way to add it).
+      None (the default) is 0, except with ``cross_tokenizer``: the authors' (ULD 1, GOLD's span_kl 0).
+    - ``cross_tokenizer``: causal LMs whose tokenizers differ: a
+      :class:`~fisherkd.hf.cross_tokenizer.CrossTokenizerConfig` or a dict of its fields (``{"loss": "uld"}`` or
+      ``{"loss": "span_kl"}``); the trainer then needs ``processing_class`` and ``teacher_processing_class``.
+      It replaces ``token_loss`` (which needs one vocabulary) and takes no ``methods`` (the teacher reads other
+      ids).
     - ``policy``: causal LMs only; where completions come from (data, the student on-policy, the teacher,
       DistiLLM's adaptive replay): a :class:`~fisherkd.hf.policy.PolicyConfig` or a dict of its fields.
     - ``teacher_dtype``: cast the frozen teacher, e.g. ``"bfloat16"`` to halve its memory; None keeps it.
@@ -138,10 +154,11 @@ class DistillationConfig:
 
     methods: list[Any] = field(default_factory=list)
     token_loss: TokenLossConfig | Mapping[str, Any] | None = None
-    label_loss_weight: float = 0.0
+    label_loss_weight: float | None = None
     policy: PolicyConfig | Mapping[str, Any] | None = None
     teacher_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     task: Task = "auto"
+    cross_tokenizer: CrossTokenizerConfig | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.token_loss, Mapping):
@@ -154,6 +171,15 @@ class DistillationConfig:
             self.policy = PolicyConfig.from_mapping(self.policy)
         elif self.policy is not None and not isinstance(self.policy, PolicyConfig):
             raise ValueError(f"policy must be a PolicyConfig, a dict of its fields or None, got {self.policy!r}")
+        if isinstance(self.cross_tokenizer, Mapping):
+            self.cross_tokenizer = CrossTokenizerConfig.from_mapping(self.cross_tokenizer)
+        elif self.cross_tokenizer is not None and not isinstance(self.cross_tokenizer, CrossTokenizerConfig):
+            raise ValueError(
+                "cross_tokenizer must be a CrossTokenizerConfig, a dict of its fields or None, got "
+                f"{self.cross_tokenizer!r}"
+            )
+        if self.label_loss_weight is None:
+            self.label_loss_weight = DEFAULT_LABEL_WEIGHTS[self.cross_tokenizer.loss] if self.cross_tokenizer else 0.0
         self.methods = [as_spec(m) for m in self.methods]
         for spec in self.methods:
             # an unknown name or hyper-parameter fails here, with suggestions, rather than inside the Trainer
@@ -168,10 +194,33 @@ class DistillationConfig:
             )
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is unknown; {nearest(str(self.task), TASKS)}")
-        if not self.methods and self.token_loss is None and self.label_loss_weight == 0:
+        if self.cross_tokenizer is not None:
+            if self.token_loss is not None:
+                raise ValueError(
+                    "cross_tokenizer replaces token_loss (which compares distributions over one vocabulary): "
+                    "leave token_loss out"
+                )
+            if self.methods:
+                raise ValueError(
+                    "cross_tokenizer takes no methods: the teacher reads its own token ids, so the two models' "
+                    "layers do not line up position by position; leave methods out"
+                )
+            if self.policy is not None and self.policy.teacher_fraction > 0:
+                raise ValueError(
+                    "policy teacher_fraction > 0 (sequence-level KD) is not supported with cross_tokenizer: the "
+                    "teacher would be prompted with student token ids; use student_fraction or adaptive"
+                )
+        elif not self.methods and self.token_loss is None and self.label_loss_weight == 0:
             raise ValueError(
-                "DistillationConfig has nothing to train with: give methods, token_loss or label_loss_weight"
+                "DistillationConfig has nothing to train with: give methods, token_loss, cross_tokenizer or "
+                "label_loss_weight"
             )
+
+
+def _rank(mask: Tensor) -> Tensor:
+    """For a boolean [B, T] mask, each position's index among the True positions in row-major order (the row of
+    ``hidden[mask]``, as ``logits_to_keep`` returns them); -1 elsewhere."""
+    return (mask.flatten().long().cumsum(0) - 1).view_as(mask).masked_fill(~mask, -1)
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:
@@ -239,6 +288,11 @@ class DistillationTrainer(Trainer):
     so they equal the per-token mean over that batch however the tokens fall into micro-batches; they are logged
     as that mean too (``distill/token``, ``distill/label`` for a causal LM), whatever the accumulation.
 
+    Across tokenizers (``cross_tokenizer``, with ``teacher_processing_class=``), each accumulated batch is aligned
+    by text after on-policy generation (:mod:`fisherkd.hf.cross_tokenizer`): the teacher runs on its own tokens of
+    the student's decoded rows, and the loss is summed over the aligned completion positions and divided by their
+    number in the whole accumulated batch (logged as that mean, ``distill/uld`` or ``distill/span_kl``).
+
     On a causal LM the logit-family methods (``kd``, ``jsd``, ``dkd``, ...) are refused: they score one
     distribution per example, and on [batch, tokens, vocab] logits they would score every position, pads and
     prompts included, at their image-classification defaults (τ = 4). The token-level loss (``token_loss``) is
@@ -259,6 +313,7 @@ class DistillationTrainer(Trainer):
         distillation: DistillationConfig | None = None,
         *args: Any,
         example_input: Mapping[str, Tensor] | None = None,
+        teacher_processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
         if teacher_model is None:
@@ -276,9 +331,26 @@ class DistillationTrainer(Trainer):
             )
         self.teacher_model = teacher_model
         self._prepare_teacher()
+        self.teacher_processing_class = teacher_processing_class
+        self.shared_vocab = None
+        if config.cross_tokenizer is not None:
+            self._check_cross_tokenizer()
+        elif teacher_processing_class is not None:
+            raise ValueError(
+                "teacher_processing_class is read only for cross-tokenizer distillation: add "
+                "cross_tokenizer={'loss': 'uld'} (or 'span_kl') to the DistillationConfig, or leave it out"
+            )
         if self.causal_lm:
-            truncate = config.token_loss is not None and config.token_loss.vocab_truncation
-            check_vocabularies(_unwrap_peft(self.model), teacher_model, truncate)
+            if config.cross_tokenizer is None:
+                truncate = config.token_loss is not None and config.token_loss.vocab_truncation
+                try:
+                    check_vocabularies(_unwrap_peft(self.model), teacher_model, truncate)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{err}. With different tokenizers, distil across them: DistillationConfig("
+                        "cross_tokenizer={'loss': 'uld'}) or {'loss': 'span_kl'}, with "
+                        "teacher_processing_class=teacher_tokenizer"
+                    ) from None
             for spec in config.methods:
                 cls = method_class(spec.name)
                 if cls.family == "logit" or "logits" in cls.pair_kinds:
@@ -314,6 +386,28 @@ class DistillationTrainer(Trainer):
         self.add_callback(_DistillerCallback(self))
 
     # ---- setup --------------------------------------------------------------------------------------------
+
+    def _check_cross_tokenizer(self) -> None:
+        """Both tokenizers are given and fit their models; span_kl's shared vocabulary is built once, here."""
+        if not self.causal_lm:
+            raise ValueError("cross_tokenizer is for causal LMs; this model is not one")
+        for name, tokenizer, model in (
+            ("processing_class", self.processing_class, self.model),
+            ("teacher_processing_class", self.teacher_processing_class, self.teacher_model),
+        ):
+            if tokenizer is None or not hasattr(tokenizer, "decode"):
+                raise ValueError(
+                    f"cross_tokenizer aligns the two models' tokens by text and needs both tokenizers: pass "
+                    f"{name}=<that model's tokenizer> to DistillationTrainer"
+                )
+            width = vocab_size(_unwrap_peft(model))
+            if len(tokenizer) > width:
+                raise ValueError(
+                    f"{name} has {len(tokenizer)} tokens but its model predicts {width}: is it that model's "
+                    "tokenizer? (student: processing_class, teacher: teacher_processing_class)"
+                )
+        if self.distillation.cross_tokenizer.loss == "span_kl":
+            self.shared_vocab = vocab_map(self.processing_class, self.teacher_processing_class)
 
     def _prepare_teacher(self) -> None:
         teacher = self.teacher_model
@@ -426,7 +520,33 @@ class DistillationTrainer(Trainer):
                 f"the batch at step {self.state.global_step} has no labelled completion token (every label is "
                 "-100): check that prompts are not longer than max_length and that completions are labelled"
             )
+        if self.distillation.cross_tokenizer is not None and batch_samples:
+            self._align_batch_samples(batch_samples, device)
         return batch_samples, num_items
+
+    def _align_batch_samples(self, batch_samples: list, device: torch.device) -> None:
+        """Give every micro-batch the teacher's ids and the aligned pairs (after on-policy generation), and the
+        number of pairs of the whole accumulated batch (of all processes when tokens are averaged across them),
+        which normalises the cross-tokenizer loss as ``num_items_in_batch`` does the token loss."""
+        for micro, batch in enumerate(batch_samples):
+            if "labels" not in batch:
+                raise ValueError(self._missing_labels_message())
+            batch_samples[micro] = {**batch, **self._align(batch)}
+        total = torch.tensor(sum(len(b["aligned_positions"]) for b in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            total = self.accelerator.gather(total).sum()
+        if int(total) == 0:
+            warnings.warn(
+                f"the batch at step {self.state.global_step} has no completion text that both tokenizers can "
+                "align (e.g. completions of EOS only): it adds no cross-tokenizer loss",
+                stacklevel=2,
+            )
+        for batch in batch_samples:
+            batch[ALIGNED_ROWS_KEY] = total
+
+    def _align(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        max_length = self.distillation.cross_tokenizer.teacher_max_length
+        return align_batch(batch, self.processing_class, self.teacher_processing_class, max_length)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | int | None:
         if self.causal_lm:
@@ -446,6 +566,8 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         config = self.distillation
+        if config.cross_tokenizer is not None:
+            return self._cross_tokenizer_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.get("labels")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the teacher need not compute a loss
         if (config.label_loss_weight or config.token_loss is not None) and labels is None:
@@ -478,6 +600,85 @@ class DistillationTrainer(Trainer):
         loss = sum(terms.values()) / steps
         if model.training:
             self._accumulate_terms({**terms, **stats})
+        return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _cross_tokenizer_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool,
+        num_items_in_batch: Tensor | int | None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """The label loss on the student's own tokens plus the cross-tokenizer loss on the aligned pairs: summed
+        over the pairs and divided by the pairs of the accumulated batch (counted in get_batch_samples; a batch
+        that did not pass there, e.g. in evaluation, is aligned here and divided by its own pairs)."""
+        config, c = self.distillation, self.distillation.cross_tokenizer
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError(self._missing_labels_message())
+        inputs.pop(INDEX_COLUMN, None)
+        total = inputs.pop(ALIGNED_ROWS_KEY, None)
+        aligned = {key: inputs.pop(key) for key in ALIGNMENT_KEYS if key in inputs}
+        if len(aligned) < len(ALIGNMENT_KEYS):
+            aligned = self._align({**inputs, "labels": labels})
+            total = None
+        pairs = aligned["aligned_positions"].to(labels.device)
+        rows, student_pos, teacher_pos = pairs.unbind(1)
+
+        shift = True
+        if self.scored_logits_only and not return_outputs:
+            # Both LM heads only at the positions scored: the student's labelled next tokens (which include every
+            # aligned student position) and the teacher's aligned positions; logits come back as [kept, vocab].
+            scored = torch.zeros_like(labels, dtype=torch.bool)
+            scored[:, :-1] = labels[:, 1:] != -100
+            student_logits = model_logits(model(**inputs, logits_to_keep=scored))
+            student_rows = _rank(scored)[rows, student_pos]
+            labels, shift = labels[:, 1:][scored[:, :-1]][None], False
+        else:
+            student_logits = model_logits(model(**inputs))
+            student_rows = rows * student_logits.shape[1] + student_pos
+        teacher_ids = aligned["teacher_input_ids"].to(labels.device)
+        teacher_inputs = {
+            "input_ids": teacher_ids,
+            "attention_mask": aligned["teacher_attention_mask"].to(labels.device),
+        }
+        with torch.no_grad():
+            if self.scored_logits_only:
+                kept = torch.zeros_like(teacher_ids, dtype=torch.bool)
+                kept[rows, teacher_pos] = True
+                teacher_logits = model_logits(self.teacher_model(**teacher_inputs, logits_to_keep=kept))
+                teacher_rows = _rank(kept)[rows, teacher_pos]
+            else:
+                teacher_logits = model_logits(self.teacher_model(**teacher_inputs))
+                teacher_rows = rows * teacher_logits.shape[1] + teacher_pos
+        options: dict[str, Any] = dict(
+            student_rows=student_rows, teacher_rows=teacher_rows, reduction="sum", chunk_size=c.chunk_size
+        )
+        if c.loss == "uld":
+            summed = uld_loss(student_logits, teacher_logits, c.temperature, top_k=c.top_k, **options)
+        else:
+            summed = span_kl_loss(
+                student_logits,
+                teacher_logits,
+                self.shared_vocab.student_ids,
+                self.shared_vocab.teacher_ids,
+                c.temperature,
+                matched_weight=c.matched_weight,
+                unmatched_weight=c.unmatched_weight,
+                **options,
+            )
+        count = total if total is not None else len(pairs)
+        terms = {c.loss: c.weight * summed / max(int(count), 1) * self._token_factor(model, total)}
+        if config.label_loss_weight:
+            if not shift:
+                student_logits = student_logits[None]
+            label = self._label_loss(student_logits, labels, num_items_in_batch, shift)
+            terms["label"] = config.label_loss_weight * label * self._token_factor(model, num_items_in_batch)
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        loss = sum(terms.values()) / steps
+        if model.training:
+            self._accumulate_terms(terms)
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
     def _missing_labels_message(self) -> str:
