@@ -7,7 +7,7 @@ hyper-parameters are rejected with the nearest valid names. YAML is read with ``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -64,6 +64,32 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
 
 
+class MCMIConfig(Strict):
+    """Maximum-CMI teacher training (Ye et al., ICLR 2024): the teacher minimises CE − λ·CMI, where CMI is the
+    conditional mutual information of its own outputs given the label, estimated per batch (the registered
+    method ``mcmi``, :func:`fisherkd.functional.cmi`). Authors' defaults: λ = 0.25, τ = 1."""
+
+    weight: float = Field(0.25, gt=0, description="λ, the weight of −CMI next to the cross-entropy (authors: 0.1-0.25)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of the outputs whose CMI is maximised")
+
+
+class TeacherTrainConfig(TrainConfig):
+    """How a teacher is trained when no checkpoint is given: a student's recipe, plus teacher-only objectives."""
+
+    mcmi: MCMIConfig | None = Field(
+        None, description="maximum-CMI teacher: train with CE − λ·CMI (e.g. mcmi: {weight: 0.25}); in the cache key"
+    )
+
+    @model_validator(mode="after")
+    def _no_hard(self) -> TeacherTrainConfig:
+        if self.augment.hard is not None:
+            raise ValueError(
+                "augment.hard trains an augmenter against a teacher-student disagreement, and a teacher trains "
+                "alone: set it in the run's train.augment, not in teacher.train"
+            )
+        return self
+
+
 class FromTeacherConfig(Strict):
     """A student pruned from the run's teacher (``fisherkd.prune``): its top structures by importance on
     ``calibration`` training samples, rebuilt as a smaller model of the teacher's family with the kept weights."""
@@ -104,8 +130,9 @@ class TeacherConfig(ModelConfig):
 
     name: str | None = Field(None, description="zoo name; leave out for an ensemble (members) or an EMA teacher")
     seed: int = Field(0, description="seed of the teacher's own training; student seeds share one teacher")
-    train: TrainConfig = Field(
-        default_factory=TrainConfig, description="how to train the teacher when no checkpoint is given (then cached)"
+    train: TeacherTrainConfig = Field(
+        default_factory=TeacherTrainConfig,
+        description="how to train the teacher when no checkpoint is given (then cached)",
     )
     members: list[TeacherConfig] = Field(
         default_factory=list, description="an ensemble of teachers, each trained once and cached like a single one"
@@ -189,6 +216,10 @@ class RunConfig(Strict):
                 raise ValueError(f"methods.{i}: {err.args[0]}") from None
             if method_class(spec.name).needs_teacher and self.teacher is None:
                 raise ValueError(f"methods.{i}: method {spec.name!r} needs a teacher: add a teacher: block")
+        if self.train.augment.hard is not None and self.teacher is None:
+            raise ValueError(
+                "train.augment.hard: HARD learns inputs where teacher and student disagree: add a teacher: block"
+            )
         if self.student.from_teacher is not None:
             teacher = self.teacher.name if self.teacher else None
             if teacher is None:
@@ -228,6 +259,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a field's annotation: ``M`` itself or the ``M`` of ``M | None``."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
@@ -236,8 +275,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str
         parent: Any = model
         for part in loc[:-1]:
             field = getattr(parent, "model_fields", {}).get(part)
-            annotation = field.annotation if field else None
-            parent = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            parent = _model_in(field.annotation if field else None)
             if parent is None:
                 break
         if parent is not None:

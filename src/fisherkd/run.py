@@ -132,8 +132,14 @@ def teacher_data_key(data: DataConfig) -> dict[str, Any]:
 
 
 def teacher_cache_path(config: TeacherConfig, data: dict[str, Any]) -> Path:
-    """Teachers are keyed by everything that determines them: model, data, training recipe and seed."""
+    """Teachers are keyed by everything that determines them: model, data, training recipe and seed. Options added
+    after teachers were first cached (``train.mcmi``, ``train.augment.hard``) join the key only when set, so a
+    teacher cached before them keeps its key and an MCMI teacher never collides with a plain one."""
     teacher = config.model_dump(mode="json", exclude=SCHEME_FIELDS)
+    train = teacher["train"]
+    for options, key in ((train, "mcmi"), (train["augment"], "hard")):
+        if options.get(key) is None:
+            options.pop(key, None)
     key = json.dumps({"teacher": teacher, "data": data}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "teachers" / f"{config.name}-{digest}.pt"
@@ -170,7 +176,8 @@ def get_teacher(
 def teacher_model(
     teacher: TeacherConfig, config: RunConfig, splits: DataSplits | FolderSplits, progress: Progress | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """One teacher model: from its checkpoint, from the cache, or trained now with CE and cached."""
+    """One teacher model: from its checkpoint, from the cache, or trained now with CE (minus λ·CMI with
+    ``train.mcmi``) and cached."""
     model = build_model(teacher, splits)
     if teacher.checkpoint:
         return model, {"source": teacher.checkpoint}
@@ -183,8 +190,10 @@ def teacher_model(
         return model, {**state["record"], "source": "cache", "path": str(path)}
     seed_everything(teacher.seed)
     model = build_model(teacher, splits)
+    mcmi = teacher.train.mcmi
+    methods: list[Any] = ["ce"] + ([{"name": "mcmi", **mcmi.model_dump()}] if mcmi else [])
     trainer = Trainer(
-        Distiller(model, None, ["ce"]),
+        Distiller(model, None, methods),
         splits.labelled_only() if isinstance(splits, DataSplits) else splits,
         teacher.train,
         device=config.device,

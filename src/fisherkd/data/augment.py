@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from fisherkd.data.hard import HardConfig
+
 
 class AugmentConfig(BaseModel):
     """What to apply to each training batch (all off by default)."""
@@ -22,6 +24,10 @@ class AugmentConfig(BaseModel):
     flip: bool = Field(False, description="random horizontal flip (images)")
     noise: float = Field(0.0, ge=0.0, description="std of additive Gaussian noise")
     mixup_alpha: float = Field(0.0, ge=0.0, description="mixup Beta(α, α); 0 = off; the label is the larger part's")
+    hard: HardConfig | None = Field(
+        None, description="HARD: a learned augmenter that maximises the teacher-student KL, within bounds; applied "
+        "last, by the engine's Trainer (see fisherkd.data.hard)"
+    )
 
 
 def random_crop(x: Tensor, padding: int) -> Tensor:
@@ -69,7 +75,8 @@ def mixup(x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
 
 
 def augment(x: Tensor, y: Tensor, config: AugmentConfig) -> tuple[Tensor, Tensor]:
-    """Apply the configured augmentations in a fixed order: crop, flip, noise, mixup."""
+    """Apply the configured augmentations in a fixed order: crop, flip, noise, mixup. (``hard`` comes after them,
+    applied by the engine's Trainer, which owns and trains the augmenter.)"""
     if config.crop_padding:
         x = random_crop(x, config.crop_padding)
     if config.flip:

@@ -17,10 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 from fisherkd.config import TrainConfig
 from fisherkd.core import UNLABELLED, model_logits
 from fisherkd.data import DataSplits, FolderSplits, augment, make_loader
+from fisherkd.data.hard import HardAugmentation, disagreement
 from fisherkd.distiller import Distiller
 from fisherkd.engine.checkpoint import load_checkpoint, load_weights, rng_state, save_atomic, set_rng_state
 from fisherkd.engine.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from fisherkd.engine.schedule import lr_factor, lr_factor_tensor
+from fisherkd.errors import CheckpointError
 from fisherkd.fisher import mark_mixed_inputs
 from fisherkd.metrics import FidelityMeter
 from fisherkd.tracking import Tracker
@@ -176,6 +178,14 @@ class Trainer:
         self.lr = torch.zeros((), device=self.device)
         self.optimizer = make_optimizer(distiller.trainable_parameters(), config, self.lr)
         self._set_lr()
+        self.hard: HardAugmentation | None = None  # HARD's augmenter, trained here against the student's optimizer
+        if config.augment.hard is not None:
+            if distiller.teacher is None:
+                raise ValueError(
+                    "train.augment.hard learns inputs where teacher and student disagree, but the distiller has no "
+                    "teacher: add one, or remove augment.hard"
+                )
+            self.hard = HardAugmentation(config.augment.hard, tuple(splits.input_shape), self.device)
         self.best_accuracy = -1.0
         self.history: list[dict[str, Any]] = []
         self._loss_keys: dict[str, None] = {}  # the metric sums that are losses (in order), checked for divergence
@@ -189,6 +199,7 @@ class Trainer:
             "step": self.step,
             "best_accuracy": self.best_accuracy,
             "rng": rng_state(),
+            **({"hard": self.hard.state_dict()} if self.hard is not None else {}),
         }
 
     def save(self, name: str) -> None:
@@ -206,6 +217,14 @@ class Trainer:
             group["lr"] = self.lr
         self._set_lr()
         self.best_accuracy = state["best_accuracy"]
+        if (self.hard is None) != ("hard" not in state):
+            has = "has a" if "hard" in state else "has no"
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} {has} HARD augmenter but train.augment.hard is "
+                f"{'off' if self.hard is None else 'on'}: resume with the config the run was started with"
+            )
+        if self.hard is not None:
+            self.hard.load_state_dict(state["hard"])
         set_rng_state(state["rng"])
 
     def _set_lr(self) -> None:
@@ -242,6 +261,8 @@ class Trainer:
                     if i // accum >= self.steps_per_epoch - step_in_epoch:
                         break  # a partial accumulation group at the end of the epoch is dropped
                     x, y = augment(batch.x, batch.y, config.augment)
+                    if self.hard is not None:
+                        x = self._hard_augment(x, update=i % accum == 0)
                     if self.channels_last and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with autocast(self.device, config.amp):
@@ -249,7 +270,9 @@ class Trainer:
                     (out.loss / accum).backward()
                     correct = ("correct", (out.logits.argmax(-1) == y).sum())
                     labelled = ("labelled", (y != UNLABELLED).sum())  # transfer inputs have no label to be right on
-                    for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items(), correct, labelled]:
+                    extra = [("hard_kl", self._hard_kl(out))] if self.hard is not None else []
+                    for key, value in [("loss", out.loss), *out.losses.items(), *out.stats.items(), correct, labelled,
+                                       *extra]:
                         if key not in sums:
                             sums[key] = torch.zeros((), device=self.device)
                             if key == "loss" or key in out.losses:
@@ -279,6 +302,26 @@ class Trainer:
                     if epoch_done:
                         break
         return self._finish(time.perf_counter() - started)
+
+    def _hard_augment(self, x: torch.Tensor, update: bool) -> torch.Tensor:
+        """HARD: every ``every`` optimizer steps (on the step's first micro-batch) one ascent step of the augmenter
+        on this batch, taps paused so the extra passes leave the distiller's captures alone; then the batch the
+        teacher and the student train on, warped by the augmenter."""
+        assert self.hard is not None
+        if update and self.step % self.hard.config.every == 0:
+            taps = [t for t in (self.distiller.student_taps, self.distiller.teacher_taps) if t is not None]
+            with contextlib.ExitStack() as paused:
+                for t in taps:
+                    paused.enter_context(t.paused())
+                self.hard.update(
+                    self.distiller.teacher, self.distiller.student, x, lambda: autocast(self.device, self.config.amp)
+                )
+        return self.hard(x)
+
+    def _hard_kl(self, out: Any) -> torch.Tensor:
+        """The teacher-student KL on the augmented batch (logged as hard_kl: what the augmenter pushes up)."""
+        assert self.hard is not None and out.teacher_logits is not None
+        return disagreement(out.logits.detach(), out.teacher_logits, self.hard.config.temperature)
 
     def _optimizer_step(self, sums: dict[str, torch.Tensor]) -> None:
         """Clip, then step unless the gradient norm is NaN or infinite. The check stays on the device: the fused

@@ -28,6 +28,7 @@ class Estimate(Protocol):
     estimator: str
     temperature: float
     num_heads: int | None
+    damping: float  # of the teacher's Fisher in the influence estimator
 
     @property
     def logits(self) -> Tensor:
@@ -96,11 +97,14 @@ def _matching(mask: Tensor | None, like: Tensor) -> Tensor | None:
 def _sample(est: Estimate) -> Importance:
     if est.estimator == "logit":
         raw = E.logit_fisher_trace(est.logits, est.temperature)
-    elif est.estimator == "wsl":
+    elif est.estimator in ("wsl", "influence"):
         if est.logits.dim() != 2:
-            raise ValueError(f"{est.where}: the wsl estimator weighs whole samples: it needs logits B×C, got "
-                             f"{tuple(est.logits.shape)}")
-        raw = E.wsl_weight(est.student_logits, est.logits, est.target, est.temperature)
+            raise ValueError(f"{est.where}: the {est.estimator} estimator weighs whole samples: it needs logits B×C, "
+                             f"got {tuple(est.logits.shape)}")
+        if est.estimator == "wsl":
+            raw = E.wsl_weight(est.student_logits, est.logits, est.target, est.temperature)
+        else:
+            raw = E.influence_weight(est.student_logits, est.logits, est.target, est.temperature, est.damping)
     else:
         raw = E.linear_head_fisher(est.logits, est.head_weight(), est.temperature).sum(-1)
     return Importance(raw, _matching(est.mask, raw))
@@ -192,7 +196,9 @@ _TAP = frozenset({"sampled", "empirical", "linear_head"})  # linear_head at a ta
 AXES: dict[str, FisherAxis] = {
     axis.name: axis
     for axis in (
-        FisherAxis("sample", ("logit", "linear_head", "wsl"), _sample, per_batch=True, within_sample=False),
+        FisherAxis(
+            "sample", ("logit", "linear_head", "wsl", "influence"), _sample, per_batch=True, within_sample=False
+        ),
         FisherAxis("class", ("logit", "non_target"), _class, heatmap=_as_is),
         FisherAxis(
             "channel", ("sampled", "empirical", "linear_head"), _channel, needs_tap=_TAP, one_layer=True,

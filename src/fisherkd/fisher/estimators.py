@@ -89,6 +89,40 @@ def wsl_weight(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, t
     return 1.0 - torch.exp(-ce_s / (ce_t + 1e-7))
 
 
+def influence_weight(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float = 1.0, damping: float = 0.01
+) -> Tensor:
+    """KD-AIF's per-sample weight σ(h_n / rms(h)) from the influence h_n = g_nᵀ (F̄ + δ·(tr F̄/C)·I)⁻¹ ḡ_{−n} of
+    sample n on the loss of the rest of the batch, with the teacher's Fisher as the curvature; in (0, 1).
+
+    Wu, Luo, Liu, Deng, "Knowledge Distillation with Adapted Weight" (KD-AIF), Statistics, arXiv:2501.02705 (2025):
+    training samples are weighted by their influence function (Koh & Liang, ICML 2017) on a validation loss, passed
+    through a sigmoid. Our reading, in the parameters the teacher and the student share in meaning, the bias b of
+    the last layer (a shift of the logits):
+
+    - g_n = ∂CE(z_s,n, y_n)/∂b = softmax(z_s,n) − e_{y_n}, the student's per-sample gradient (detached; a row
+      without a label, -100, is scored against the teacher's top class, as in :func:`wsl_weight`);
+    - F̄ = mean_n (diag p_t,n − p_t,n p_t,nᵀ), p_t at ``temperature``: the teacher's Fisher of that bias, damped by
+      ``damping`` times its mean eigenvalue (scale-free; F̄ is singular along the all-ones vector, which no g sees);
+    - ḡ_{−n} = mean_{m≠n} g_m: the validation gradient, here the rest of the batch (the Distiller sees training
+      batches only; leaving n out drops the self-influence g_nᵀF⁻¹g_n, which would favour large-gradient samples);
+    - h_n = −I_up,loss(n) > 0 when up-weighting sample n lowers that loss; σ(h_n/rms(h)), the batch RMS making the
+      sigmoid's slope scale-free (the paper's sigmoid has no stated scale; this is our choice). h ≡ 0 gives 1/2.
+    """
+    z_s = student_logits.detach().float()
+    p_t = probabilities(teacher_logits, temperature)
+    n, classes = p_t.shape
+    label = torch.where(target == UNLABELLED, p_t.argmax(-1), target.long())
+    g = z_s.softmax(-1) - F.one_hot(label, classes).float()
+    fisher = torch.diag(p_t.mean(0)) - p_t.T @ p_t / n
+    scale = (fisher.diagonal().sum() / classes).clamp_min(1e-12)
+    fisher = fisher + (damping * scale) * torch.eye(classes, device=p_t.device)
+    reference = (g.sum(0, keepdim=True) - g) / max(n - 1, 1)
+    solved = torch.linalg.solve_ex(fisher, reference.T)[0].T  # solve_ex: no host sync for an error check
+    h = (g * solved).sum(-1)
+    return torch.sigmoid(h / h.pow(2).mean().sqrt().clamp_min(torch.finfo(h.dtype).tiny))
+
+
 def linear_head_fisher(logits: Tensor, weight: Tensor, temperature: float = 1.0) -> Tensor:
     """Diagonal Fisher at the input h of a linear head z = Wh + b: Σ_c p_c W_cj² − (Σ_c p_c W_cj)², shape [..., D].
 

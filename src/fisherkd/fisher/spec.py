@@ -25,7 +25,9 @@ class FisherSpec(BaseModel):
     ``linear_head`` (closed form at the input of the teacher's linear classifier ``head``), ``sampled`` (one
     backward of log p(ŷ) with ŷ drawn from the teacher, to the activation ``tap``), ``empirical`` (the same with
     the ground-truth labels); sample axis: ``wsl`` (the student-aware weight of WSL, Zhou et al., ICLR 2021,
-    1 − exp(−CE_s/CE_t), see :func:`fisherkd.fisher.estimators.wsl_weight`); class axis: ``non_target`` (the
+    1 − exp(−CE_s/CE_t), see :func:`fisherkd.fisher.estimators.wsl_weight`) and ``influence`` (KD-AIF, Wu et al.
+    2025: σ of each sample's influence on the rest of the batch's loss, the teacher's Fisher, damped by ``damping``,
+    as the curvature; see :func:`fisherkd.fisher.estimators.influence_weight`); class axis: ``non_target`` (the
     teacher's relative non-target probabilities, DKD-like, see :func:`fisherkd.fisher.estimators.non_target`).
     Every estimator reads the teacher's softmax at ``temperature``. ``mixed: off`` leaves a per-batch axis
     unweighted while the engine mixes its batches (mixup: the teacher's Fisher on a mixed input peaks on the most
@@ -57,6 +59,9 @@ class FisherSpec(BaseModel):
     freeze_after: int | None = Field(None, ge=0, description="EMA axes: stop updating after this many steps")
     floor: float = Field(1e-3, ge=0, description="importances below floor·mean are raised to it")
     clip: tuple[float, float] = Field((0.1, 10.0), description="bounds of the weights (lo <= 1 <= hi)")
+    damping: float = Field(
+        0.01, gt=0, description="sample axis, influence estimator: F + damping·(mean eigenvalue of F)·I"
+    )
     mixed: Literal["estimate", "off"] = Field(
         "estimate", description="per-batch axes, when the engine mixes the batch (mixup): estimate on it, or off"
     )
@@ -96,6 +101,11 @@ class FisherSpec(BaseModel):
             raise ValueError(f"fisher: {', '.join(metric_keys)} apply to axis direction only, not {self.axis!r}")
         if self.directions not in DIRECTIONS:
             raise ValueError(f"fisher: unknown directions {self.directions!r}; {nearest(self.directions, DIRECTIONS)}")
+        if self.damping != defaults["damping"] and self.resolved_estimator != "influence":
+            raise ValueError(
+                f"fisher: damping applies to estimator influence only, not {self.resolved_estimator!r}; drop damping "
+                "or set estimator: influence"
+            )
         if self.gamma < 0 and self.axis != "sample":
             raise ValueError(f"fisher: gamma < 0 applies to axis sample only, not {self.axis!r}; use gamma >= 0")
         if self.mixed != defaults["mixed"] and not AXES[self.axis].per_batch:

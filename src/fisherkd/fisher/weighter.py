@@ -312,6 +312,10 @@ class _Estimate:
         return self.weighter.spec.num_heads
 
     @property
+    def damping(self) -> float:
+        return self.weighter.spec.damping
+
+    @property
     def logits(self) -> Tensor:
         return self.batch.teacher_logits[: self.rows]
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from fisherkd.core import UNLABELLED
 
 __all__ = [
+    "cmi",
     "cross_entropy",
     "dist",
     "dkd",
@@ -28,6 +29,7 @@ __all__ = [
     "mlkd",
     "nkd",
     "ofa",
+    "ofa_branches",
     "reverse_kl",
     "sinkhorn",
     "skew_kl",
@@ -357,6 +359,25 @@ def ofa(
     return _batch_mean(-(weight * log_p_s).sum(-1), sample_weight)
 
 
+def ofa_branches(
+    branch_logits: Sequence[Tensor],
+    teacher_logits: Tensor,
+    target: Tensor,
+    eps: float = 1.0,
+    temperature: float = 1.0,
+    *,
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """OFA-KD's stage loss (Hao et al., NeurIPS 2023): Σ_k OFA(z_k, z_t, y) over the logits z_k that branch
+    heads project from intermediate student stages, each against the teacher's final logits with the adaptive
+    target [(p_t,c + 1[c=y])^ε − 1[c=y]] of :func:`ofa`.
+    """
+    if not branch_logits:
+        raise ValueError("ofa_branches: no branch logits; give the student stages as the method's pairs")
+    terms = [ofa(z, teacher_logits, target, eps, temperature, sample_weight=sample_weight) for z in branch_logits]
+    return torch.stack(terms).sum()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Batch-level losses
 
@@ -492,3 +513,28 @@ def uskd(
     if weak_term is not None:
         per_sample = per_sample + mu * weak_term
     return _batch_mean(per_sample, sample_weight)
+
+
+def cmi(logits: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
+    """Conditional mutual information I(X; Ŷ | Y) of a classifier's outputs, estimated on one batch.
+
+    Ye, Mohajer Hamidi, Tan & Yang, "Bayes Conditional Distribution Estimation for Knowledge Distillation Based on
+    Conditional Mutual Information" (MCMI), ICLR 2024, arXiv:2401.08732; code github.com/iclr2024mcmi/ICLRMCMI.
+
+        CMI = E_y E_{x|y} KL(p(x) ‖ p̄_y) = (1/N) Σ_n KL(p_n ‖ p̄_{y_n}),   p̄_y = mean of p_n over the rows labelled y,
+
+    with p = softmax(z/τ): how far each output lies from its class's mean output. A maximum-CMI teacher minimises
+    CE − λ·CMI, which spreads the outputs within each class (more "dark knowledge" per sample). Rows labelled
+    ``UNLABELLED`` (-100) are left out; a class seen once in the batch adds 0. The class means keep their gradient,
+    which changes nothing: p̄_y minimises Σ_n KL(p_n ‖ q) over q, so d CMI / d p̄_y is 0 along the simplex. (The
+    authors use class means from the whole training set, fixed while they fine-tune; this is their per-batch form.)
+    """
+    log_p = _log_probs(logits, temperature)
+    p = log_p.exp()
+    labelled = target != UNLABELLED
+    members = F.one_hot(torch.where(labelled, target, 0).long(), p.shape[-1]).to(p.dtype) * labelled[:, None]
+    means = (members.T @ p) / members.sum(0).clamp_min(1.0)[:, None]  # row y: p̄_y
+    # p̄_y ≥ p_n / N where p_n > 0; where p_n underflows to 0 the clamp keeps 0·log 0 at 0, not NaN
+    log_means = means.clamp_min(torch.finfo(p.dtype).tiny).log()
+    per_sample = (p * (log_p - log_means[torch.where(labelled, target, 0)])).sum(-1)
+    return (per_sample * labelled).sum() / labelled.sum().clamp_min(1)
