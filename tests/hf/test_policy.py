@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from test_layers import VOCAB, tiny_gpt2  # noqa: E402
 from test_trainer import RecordGradients, arguments, losses  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from fisherkd.hf import DistillationConfig, DistillationTrainer, MixedPolicy, PolicyConfig  # noqa: E402
 from fisherkd.hf.policy import generate_completions, prompts_of  # noqa: E402
@@ -316,3 +317,14 @@ def test_scored_logits_only_equals_the_full_logits_path(tmp_path):
     assert math.isclose(loss_a, loss_b, rel_tol=1e-5)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_batches_after_an_evaluation_still_follow_the_policy(tmp_path):
+    """Evaluation leaves the student in eval mode until the next training step: the batch fetched right after it
+    must still get its completions from the policy."""
+    policy = {"student_fraction": 1.0, "temperature": 0.0, "max_new_tokens": 2}
+    trainer = on_policy_trainer(tmp_path, policy, max_steps=4)
+    trainer.eval_dataset = prompt_examples(4)
+    trainer.args.eval_strategy, trainer.args.eval_steps = IntervalStrategy.STEPS, 2
+    trainer.train()
+    assert trainer.policy.counts == {"student": 4}

@@ -502,7 +502,7 @@ class DistillationTrainer(Trainer):
         """The next accumulated batch, its completions replaced per the mixed policy *before* the labelled tokens
         are counted, so that the loss is normalised by the completion tokens actually trained on."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.policy is not None and self.model.training:
+        if self.policy is not None:  # only the training loop fetches batches here (the model may still be in eval)
             for micro, batch in enumerate(batch_samples):
                 batch = self._prepare_inputs(batch)
                 batch_samples[micro], _ = self.policy(
