@@ -243,8 +243,13 @@ class MixedPolicy:
         c = self.config
         r = self._rng(step, micro).random()
         if not c.adaptive:
-            return "student" if r < c.student_fraction else "teacher" if r < c.student_fraction + c.teacher_fraction \
+            return (
+                "student"
+                if r < c.student_fraction
+                else "teacher"
+                if r < c.student_fraction + c.teacher_fraction
                 else "data"
+            )
         fresh = self.threshold * (1 - step / total_steps) if total_steps else self.threshold
         if r < fresh or (r < self.threshold and not self.buffer.full):
             return "student"

@@ -29,9 +29,7 @@ def spread_layers(total: int, count: int, choice: LayerChoice = "even") -> list[
     raise ValueError(f"layer choice {choice!r} is unknown: use 'even' or 'first', or pass the layer indices")
 
 
-def layer_subset_student(
-    teacher: nn.Module, layers: int | Sequence[int], choice: LayerChoice = "even"
-) -> nn.Module:
+def layer_subset_student(teacher: nn.Module, layers: int | Sequence[int], choice: LayerChoice = "even") -> nn.Module:
     """A new model of the teacher's class with the chosen decoder layers (indices, or a count picked by
     ``choice``) and the teacher's embeddings, final norm and head, all copied: equal to the teacher with the other
     blocks skipped. Saves with ``save_pretrained`` like any model of its family."""
