@@ -553,3 +553,36 @@ def test_train_subset_is_fixed_and_leaves_the_test_split_whole():
     assert len(set(a.train.x.flatten().tolist())) == 8  # without replacement
     with pytest.raises(ValueError, match="train_subset=30 exceeds the 20"):
         splits.with_train_subset(30)
+
+
+def test_class_groups_make_a_few_class_task():
+    import pytest
+    import torch
+
+    from fisherkd.data import ArrayDataset, DataSplits
+
+    x = torch.zeros(6, 2)
+    train = ArrayDataset(x, torch.tensor([0, 1, 2, 3, -100, 2]))
+    test = ArrayDataset(x[:4], torch.tensor([3, 2, 1, 0]))
+    splits = DataSplits("toy", train, test, 4, (2,)).with_class_groups([[0, 2], [1, 3]])
+    assert splits.num_classes == 2
+    assert splits.train.y.tolist() == [0, 1, 0, 1, -100, 0]
+    assert splits.test.y.tolist() == [1, 0, 1, 0]
+    base = DataSplits("toy", train, test, 4, (2,))
+    with pytest.raises(ValueError, match=r"missing \[3\], repeated \[2\], unknown \[\]"):
+        base.with_class_groups([[0, 2], [1, 2]])
+    with pytest.raises(ValueError, match=r"unknown \[7\]"):
+        base.with_class_groups([[0, 2, 7], [1, 3]])
+
+
+def test_class_groups_from_the_config_and_the_teacher_key():
+    from fisherkd.config import DataConfig
+    from fisherkd.data.registry import load_splits
+    from fisherkd.run import teacher_data_key
+
+    splits = load_splits(DataConfig(name="mnist1d", class_groups=[[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]))
+    assert splits.num_classes == 2 and set(splits.train.y.tolist()) == {0, 1}
+    assert "class_groups" not in teacher_data_key(DataConfig(name="mnist1d"))
+    assert teacher_data_key(DataConfig(name="mnist1d", class_groups=[[0], [1, 2, 3, 4, 5, 6, 7, 8, 9]]))[
+        "class_groups"
+    ] == [[0], [1, 2, 3, 4, 5, 6, 7, 8, 9]]

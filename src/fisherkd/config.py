@@ -184,6 +184,10 @@ class DataConfig(Strict):
         None, ge=1, description="add this many unlabelled inputs from the dataset's own generator (mnist1d) for the "
         "teacher to label ('function matching'); the teacher never trains on them"
     )
+    class_groups: list[list[int]] | None = Field(
+        None, description="merge the dataset's classes into these groups (e.g. [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]): "
+        "a few-class task whose label is the group's index; every class in exactly one group"
+    )
 
 
 class TrackingConfig(Strict):

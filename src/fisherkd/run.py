@@ -124,10 +124,11 @@ SCHEME_FIELDS = {"members", "member_weights", "ensemble_average", "ensemble_weig
 
 def teacher_data_key(data: DataConfig) -> dict[str, Any]:
     """The part of the data config that determines a teacher: not the transfer inputs (it never trains on them);
-    ``labelled`` only when set, so that teachers cached before the option keep their key."""
+    ``labelled`` and ``class_groups`` only when set, so that teachers cached before those options keep their key."""
     key = data.model_dump(mode="json", exclude={"transfer"})
-    if key["labelled"] is None:
-        del key["labelled"]
+    for option in ("labelled", "class_groups"):
+        if key[option] is None:
+            del key[option]
     return key
 
 

@@ -60,6 +60,29 @@ class DataSplits:
         y = torch.cat([self.train.y, torch.full((len(inputs),), UNLABELLED, dtype=self.train.y.dtype)])
         return DataSplits(self.name, ArrayDataset(x, y), self.test, self.num_classes, self.input_shape)
 
+    def with_class_groups(self, groups: list[list[int]]) -> DataSplits:
+        """A few-class task: each label replaced by the index of the group that holds it (-100 stays -100)."""
+        flat = [c for group in groups for c in group]
+        missing = sorted(set(range(self.num_classes)) - set(flat))
+        repeated = sorted({c for c in flat if flat.count(c) > 1})
+        unknown = sorted(c for c in set(flat) if not 0 <= c < self.num_classes)
+        if len(groups) < 2 or missing or repeated or unknown:
+            raise ValueError(
+                f"data.class_groups must put each of the {self.num_classes} classes of {self.name} in exactly one of "
+                f"at least 2 groups: missing {missing}, repeated {repeated}, unknown {unknown}"
+            )
+        table = torch.empty(self.num_classes, dtype=torch.long)
+        for index, group in enumerate(groups):
+            table[group] = index
+
+        def regroup(data: ArrayDataset) -> ArrayDataset:
+            labelled = data.y != UNLABELLED
+            y = data.y.clone()
+            y[labelled] = table.to(y.device)[data.y[labelled]].to(y.dtype)
+            return ArrayDataset(data.x, y)
+
+        return DataSplits(self.name, regroup(self.train), regroup(self.test), len(groups), self.input_shape)
+
     def labelled_only(self) -> DataSplits:
         """Only the training samples that have a label (what a teacher trains on)."""
         keep = self.train.y != UNLABELLED

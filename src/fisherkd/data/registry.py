@@ -74,9 +74,11 @@ def make_loader(
 def load_splits(config: DataConfig) -> DataSplits | FolderSplits:
     """The dataset a run config names, with its training subset when it asks for one."""
     splits = load_dataset(config.name, config.root)
-    asked = [k for k in ("train_subset", "labelled", "transfer") if getattr(config, k) is not None]
+    asked = [k for k in ("train_subset", "labelled", "transfer", "class_groups") if getattr(config, k) is not None]
     if asked and not isinstance(splits, DataSplits):
         raise ValueError(f"data.{asked[0]} works on array datasets, not on {config.name!r}")
+    if config.class_groups is not None:
+        splits = splits.with_class_groups(config.class_groups)
     if config.train_subset is not None:
         splits = splits.with_train_subset(config.train_subset)
     if config.labelled is not None:
