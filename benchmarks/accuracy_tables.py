@@ -19,7 +19,6 @@ import yaml
 
 from fisherkd.compare import run_compare
 from fisherkd.methods import available, method_class
-from fisherkd.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent
 
@@ -72,8 +71,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("results.md", "results.csv", "comparison.png"):
         shutil.copy(work / name, out / name)
-    result |= {
-        **provenance(),
+    result |= {  # run_compare's result already says where it was measured
         "config": raw,
         "budget": f"teacher {raw['teacher']['train']['epochs']} epochs, students {raw['train']['epochs']} epochs",
     }

@@ -37,7 +37,10 @@ def main() -> None:
         verdict = "wins" if d.low > 0 else "loses" if d.high < 0 else "ties"
         out[f"{a} − {b}"] = {"mean": d.mean, "low": d.low, "high": d.high, "pairs": d.n, "verdict": verdict}
         lines.append(f"| {a} − {b} | {d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] | {verdict} |")
-    (args.results / "paired.json").write_text(json.dumps(out, indent=1))
+    where = {key: result[key] for key in ("device", "torch", "python", "fisherkd", "commit") if key in result}
+    if "device" not in where:
+        raise SystemExit(f"{args.results}/results.json does not say where it was measured (no 'device' field)")
+    (args.results / "paired.json").write_text(json.dumps({**where, "comparisons": out}, indent=1))
     (args.results / "paired.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -30,6 +30,7 @@ from fisherkd.data import DataSplits, FolderSplits, load_splits
 from fisherkd.engine.trainer import make_progress
 from fisherkd.methods.base import method_class
 from fisherkd.plots import plot_comparison
+from fisherkd.provenance import provenance
 from fisherkd.run import get_teacher, train
 
 console = Console()
@@ -182,6 +183,7 @@ def run_compare(
         "seeds": seeds,
         "total_seconds": time.perf_counter() - started,
         "rows": rows,
+        **provenance(base.device if base.device != "auto" else None),  # where these numbers were measured
     }
     print_table(result)
     write_results(result, output_dir, reference)
