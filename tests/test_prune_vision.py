@@ -321,6 +321,10 @@ def test_config_from_teacher_prunes_the_runs_teacher_and_the_run_round_trips(tmp
     )
     record = yaml.safe_load((tmp_path / "run" / "pruning.json").read_text())
     assert record["from_teacher"]["width"] == 0.5 and record["kwargs"] == {"channels": 12}
+    assert record["from_teacher"]["seed"] == config.seed == 0  # no seed given: the run's seed calibrates
+    reseeded = build_config({**raw, "seed": 5})
+    train(reseeded, run_dir=tmp_path / "run5", splits=splits)
+    assert yaml.safe_load((tmp_path / "run5" / "pruning.json").read_text())["from_teacher"]["seed"] == 5
     distiller = rebuild_distiller(tmp_path / "run", resolved, splits)  # a strict load of the pruned student
     assert distiller.student.features[0].out_channels == 12
     assert 0.0 <= summary["test_accuracy"] <= 1.0

@@ -102,7 +102,9 @@ class FromTeacherConfig(Strict):
     importance: Literal["fisher", "empirical", "activation", "weight", "random"] = "fisher"
     layer_importance: Literal["fisher", "empirical", "activation", "weight", "random", "block", "removal"] = "block"
     calibration: int = Field(512, ge=1, description="training samples the importance is measured on")
-    seed: int = Field(0, description="seed of the calibration sample, the sampled labels and random importance")
+    seed: int | None = Field(
+        None, description="seed of the calibration sample, sampled labels and random importance (default: the run's)"
+    )
 
 
 class StudentConfig(ModelConfig):

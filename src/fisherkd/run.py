@@ -69,8 +69,9 @@ def prune_teacher(config: StudentConfig, teacher: nn.Module, splits: DataSplits 
     resolved config rebuilds it (resume, evaluation and export load its weights from the run's checkpoints)."""
     spec = config.from_teacher
     assert spec is not None and config.name is not None
+    seed = 0 if spec.seed is None else spec.seed  # a run resolves None to its own seed (pruned_student)
     batch, device = min(128, spec.calibration), next(teacher.parameters()).device
-    loader = make_loader(splits, "train", batch, shuffle=True, drop_last=False, seed=spec.seed, device=device)
+    loader = make_loader(splits, "train", batch, shuffle=True, drop_last=False, seed=seed, device=device)
     batches, seen = [], 0
     for b in loader.epoch(0):
         batches.append((b.x, b.y))
@@ -87,7 +88,7 @@ def prune_teacher(config: StudentConfig, teacher: nn.Module, splits: DataSplits 
         layers=spec.layers,
         importance_method=spec.importance,
         layer_importance=spec.layer_importance,
-        seed=spec.seed,
+        seed=seed,
         name=config.name,
         kwargs=config.kwargs,
         in_channels=splits.in_channels,
@@ -105,13 +106,18 @@ def pruned_student(
     student (its weights then come from the run's checkpoints). ``config.yaml`` is rewritten so, and
     ``pruning.json`` records the pruning and the kept units."""
     assert config.teacher is not None and config.student.from_teacher is not None
-    student_config = config.student.model_copy(update={"name": config.teacher.name, "kwargs": config.teacher.kwargs})
+    spec = config.student.from_teacher
+    if spec.seed is None:  # each seed of a comparison then draws its own calibration sample, labels and random pick
+        spec = spec.model_copy(update={"seed": config.seed})
+    student_config = config.student.model_copy(
+        update={"name": config.teacher.name, "kwargs": config.teacher.kwargs, "from_teacher": spec}
+    )
     teacher.to(resolve_device(config.device))  # calibrate where the run trains
     student = build_student(student_config, splits, teacher)  # sets student_config.kwargs to the pruned model's
     resolved = config.model_copy(update={"student": student_config.model_copy(update={"from_teacher": None})})
     if is_main():
         write_config(resolved, run_dir)
-        record = {"from_teacher": config.student.from_teacher.model_dump(mode="json"), "teacher": config.teacher.name}
+        record = {"from_teacher": spec.model_dump(mode="json"), "teacher": config.teacher.name}
         record["kwargs"] = student_config.kwargs
         (run_dir / "pruning.json").write_text(json.dumps(record, indent=2))
     return student, resolved
