@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from fisherkd.cli import main
-from fisherkd.compare import CompareOptions, merged, method_recipe, row_label
-from fisherkd.config import ConfigError
+from fisherkd.compare import CompareOptions, default_title, merged, method_recipe, row_label
+from fisherkd.config import ConfigError, build_config
 
 
 def test_method_recipes_follow_the_authors_pairing():
@@ -115,3 +115,10 @@ def test_variant_names_may_not_shadow_method_recipes(tmp_path, monkeypatch):
     monkeypatch.setenv("FISHERKD_CACHE", str(tmp_path / "cache"))
     path = toy_compare_file(tmp_path, variants={"kd": {"methods": [{"name": "kd"}]}})
     assert main(["compare", path, "--methods", "kd", "--output", str(tmp_path / "out")]) == 2
+
+
+def test_the_title_of_a_pruned_student_names_its_teacher():
+    config = build_config(
+        {"teacher": {"name": "cnn1d"}, "student": {"from_teacher": {"width": 0.5}}, "methods": [{"name": "kd"}]}
+    )
+    assert default_title(config) == "mnist1d: cnn1d teacher → pruned cnn1d student"

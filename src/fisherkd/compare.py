@@ -192,7 +192,8 @@ def run_compare(
 
 def default_title(config: RunConfig) -> str:
     teacher = f"{config.teacher.name} teacher → " if config.teacher else ""
-    return f"{config.data.name}: {teacher}{config.student.name} student"
+    student = config.student.name or f"pruned {config.teacher.name}"  # from_teacher names no model of its own
+    return f"{config.data.name}: {teacher}{student} student"
 
 
 def aggregate(label: str, config: RunConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
