@@ -1,6 +1,7 @@
 """Cross-tokenizer distillation in DistillationTrainer: a character-level GPT-2 student and a word-level Llama
 teacher, both tiny and built from configs, with tokenizers made in code (nothing is downloaded)."""
 
+import copy
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 from fisherkd.hf import CrossTokenizerConfig, DistillationConfig, DistillationTrainer, align_batch  # noqa: E402
 from fisherkd.hf.alignment import align_texts  # noqa: E402
 from fisherkd.hf.cross_tokenizer import student_offsets  # noqa: E402
+from fisherkd.hf.trainer import PROJECTORS_STATE_NAME  # noqa: E402
 from test_alignment import byte_level_tokenizer  # noqa: E402
 
 WORDS = ["a", "bad", "cab", "dab", "face", "bead", "fed", "ace", "deed", "cafe", "bed", "fade"]
@@ -261,7 +263,7 @@ def first_step(tmp_path, loss: str, batch_size: int, accumulation: int):
     return trainer.state.log_history[0], recorder.grads[0]
 
 
-@pytest.mark.parametrize("loss", ["uld", "span_kl"])
+@pytest.mark.parametrize("loss", ["uld", "span_kl", "dskd"])
 def test_gradient_accumulation_equals_one_large_batch(tmp_path, loss):
     # the four texts have 2, 3, 1 and 4 aligned completion spans: the normalisation must use the total, 10
     one, grads_one = first_step(tmp_path / "one", loss, batch_size=4, accumulation=1)
@@ -410,3 +412,148 @@ def test_trainer_errors(tmp_path):
             distillation=DistillationConfig(token_loss={}),
             teacher_processing_class=STUDENT_TOK,
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DSKD: projectors between the hidden spaces, trained with the student and checkpointed beside it
+
+
+def narrow_student(seed: int = 0) -> torch.nn.Module:
+    """The student with hidden size 8 (the teacher's is 16), so that the projectors change the width."""
+    config = student_model().config
+    config.n_embd = 8
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def dskd_trainer(tmp_path, **overrides) -> DistillationTrainer:
+    student = overrides.pop("student", None) or narrow_student()
+    return trainer_for(tmp_path, {"loss": "dskd"}, student=student, **overrides)
+
+
+def naive_dskd(texts, projectors, temperature: float = 2.0) -> tuple[float, float]:
+    """(mean DSKD loss over the aligned completion pairs, mean student cross-entropy) at the initial weights:
+    hidden states, heads and projectors in float64, the three terms written out pair by pair."""
+    student, teacher = narrow_student().eval().double(), teacher_model().eval().double()
+    projectors = copy.deepcopy(projectors).double()
+    full = [p + c for p, c in texts]
+    aligned = align_texts(full, STUDENT_TOK, TEACHER_TOK, completion_start=[len(p) for p, _ in texts])
+    batch = dataset(texts)
+    with torch.no_grad():
+        s_out = student(torch.stack([e["input_ids"] for e in batch]), output_hidden_states=True)
+        t_out = teacher(
+            aligned.teacher_input_ids, attention_mask=aligned.teacher_attention_mask, output_hidden_states=True
+        )
+        values = []
+        for b, i, j in zip(
+            aligned.batch.tolist(), aligned.student_positions.tolist(), aligned.teacher_positions.tolist()
+        ):
+            y = int(batch[b]["labels"][i + 1])
+            u = teacher.lm_head.weight @ projectors.student_to_teacher(s_out.hidden_states[-1][b, i])
+            v = student.lm_head.weight @ projectors.teacher_to_student(t_out.hidden_states[-1][b, j])
+            p_t = torch.softmax(t_out.logits[b, j] / temperature, 0)
+            p_u = torch.softmax(u / temperature, 0)
+            p_s = torch.softmax(s_out.logits[b, i] / temperature, 0)
+            q = torch.softmax(v / temperature, 0)
+            teacher_space = float((p_t * (p_t / p_u).log()).sum())
+            student_space = float((q * (q / p_s).log()).sum()) if int(v.argmax()) == y else 0.0
+            values.append(teacher_space + student_space - float(torch.log_softmax(v, 0)[y]))
+        ce = []
+        for b, e in enumerate(batch):
+            for t in range(1, LENGTH):
+                if e["labels"][t] != -100:
+                    ce.append(-float(s_out.logits[b, t - 1].log_softmax(-1)[e["labels"][t]]))
+    return sum(values) / len(values), sum(ce) / len(ce)
+
+
+def test_dskd_defaults_are_the_authors():
+    config = DistillationConfig(cross_tokenizer={"loss": "dskd"})
+    c = config.cross_tokenizer
+    assert (c.weight, config.label_loss_weight, c.temperature, c.correct_only) == (0.5, 0.5, 2.0, True)
+    assert DistillationConfig(cross_tokenizer={"loss": "dskd", "temperature": 1.0}).cross_tokenizer.temperature == 1
+    assert DistillationConfig(cross_tokenizer={"loss": "uld"}).cross_tokenizer.correct_only is None
+    with pytest.raises(ValueError, match=r"^cross_tokenizer correct_only is for loss 'dskd'$"):
+        DistillationConfig(cross_tokenizer={"loss": "uld", "correct_only": True})
+    with pytest.raises(ValueError, match=r"correct_only must be True, False or None, got 1"):
+        DistillationConfig(cross_tokenizer={"loss": "dskd", "correct_only": 1})
+
+
+@pytest.mark.parametrize("scored_logits_only", [True, False])
+def test_dskd_loss_of_a_batch_is_the_naive_recomputation(tmp_path, scored_logits_only):
+    trainer = dskd_trainer(tmp_path, max_steps=1, per_device_train_batch_size=8, per_device_eval_batch_size=8)
+    assert trainer.scored_logits_only
+    trainer.scored_logits_only = scored_logits_only
+    expected, ce = naive_dskd(TEXTS, trainer.dskd_projectors)
+    assert math.isclose(trainer.evaluate(dataset())["eval_loss"], 0.5 * expected + 0.5 * ce, rel_tol=1e-5)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert math.isclose(first["distill/dskd"], 0.5 * expected, rel_tol=1e-5)
+    assert math.isclose(first["loss"], 0.5 * expected + 0.5 * ce, rel_tol=1e-5)
+
+
+def test_dskd_trains_the_student_and_both_projectors_not_the_teacher(tmp_path):
+    trainer = dskd_trainer(tmp_path, max_steps=15, learning_rate=1e-2)
+    projectors = trainer.dskd_projectors
+    assert projectors.student_to_teacher.weight.shape == (16, 8)
+    assert projectors.teacher_to_student.weight.shape == (8, 16)
+    optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in projectors.parameters())
+    assert not any(id(p) in optimized for p in trainer.teacher_model.parameters())
+    start = copy.deepcopy(projectors.state_dict())
+    teacher = copy.deepcopy(trainer.teacher_model.state_dict())
+    trainer.train()
+    assert_finite_and_decreasing(losses(trainer))
+    terms = [e["distill/dskd"] for e in trainer.state.log_history if "distill/dskd" in e]
+    assert sum(terms[-3:]) < sum(terms[:3]), terms
+    assert all(not torch.equal(start[k], v) for k, v in projectors.state_dict().items())  # every tensor moved
+    assert all(p.grad is None for p in projectors.parameters())  # cleared after every step
+    assert all(torch.equal(teacher[k], v) for k, v in trainer.teacher_model.state_dict().items())
+    assert not any("to_teacher" in k or "to_student" in k for k in trainer.model.state_dict())  # a plain student
+    assert math.isfinite(trainer.evaluate(dataset(TEXTS[:4]))["eval_loss"])
+
+
+def test_only_dskd_asks_the_models_for_hidden_states(tmp_path):
+    for loss, expected in (("uld", None), ("span_kl", None), ("dskd", True)):
+        trainer = trainer_for(tmp_path / loss, {"loss": loss}, student=narrow_student(), max_steps=1)
+        seen = []
+        for model in (trainer.model, trainer.teacher_model):
+            model.register_forward_pre_hook(
+                lambda module, args, kwargs, seen=seen: seen.append(kwargs.get("output_hidden_states")),
+                with_kwargs=True,
+            )
+        trainer.train()
+        assert seen == [expected, expected], (loss, seen)
+
+
+def test_dskd_checkpoint_holds_the_projectors_and_resumes_exactly(tmp_path):
+    straight = dskd_trainer(tmp_path / "a", max_steps=6, learning_rate=1e-2, save_strategy="steps", save_steps=3)
+    straight.train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    saved = torch.load(checkpoint / PROJECTORS_STATE_NAME)
+    assert set(saved) == {f"{p}.{w}" for p in ("student_to_teacher", "teacher_to_student") for w in ("weight", "bias")}
+
+    resumed = dskd_trainer(tmp_path / "b", max_steps=6, learning_rate=1e-2)
+    fresh = copy.deepcopy(resumed.dskd_projectors.state_dict())
+    resumed._load_from_checkpoint(str(checkpoint))
+    restored = resumed.dskd_projectors.state_dict()
+    assert all(torch.equal(restored[k], saved[k]) and not torch.equal(fresh[k], saved[k]) for k in saved)
+
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    final, expected = resumed.dskd_projectors.state_dict(), straight.dskd_projectors.state_dict()
+    for k in expected:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"has no fisherkd_projectors.pt: DSKD's projectors start afresh"):
+        dskd_trainer(tmp_path / "c")._load_projectors(str(tmp_path))
+
+
+def test_dskd_on_policy_trains_on_the_students_completions(tmp_path):
+    policy = {"student_fraction": 1.0, "temperature": 0.0, "max_new_tokens": 6}
+    student = language_student()
+    trainer = dskd_trainer(tmp_path, student=student, policy=policy, max_steps=3)
+    seen = record_batches(trainer)
+    trainer.train()
+    assert trainer.policy.counts == {"student": 3}
+    assert sum(len(b["aligned_positions"]) for b in seen) > 0
+    assert all(math.isfinite(e["distill/dskd"]) for e in trainer.state.log_history if "distill/dskd" in e)

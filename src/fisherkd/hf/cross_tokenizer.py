@@ -13,11 +13,17 @@ trainer (:func:`align_batch`):
    predicting positions per aligned span (student position, teacher position: both models have read the same
    text and predict the first token of the span) whose student token is labelled, i.e. in the completion.
 
-The loss (``uld`` or ``span_kl`` of :mod:`fisherkd.functional.cross_tokenizer`) is summed over those pairs and
-divided by the number of pairs of the whole accumulated batch (counted after on-policy generation), like the
-token loss over ``num_items_in_batch``. The text is the student's decoding of its ids, not a dataset column, so the
-same path works for the data's completions, on-policy completions and DistiLLM's replayed ones, with no change
-to the dataset.
+The loss (``uld``, ``span_kl`` or ``dskd`` of :mod:`fisherkd.functional.cross_tokenizer`) is summed over those
+pairs and divided by the number of pairs of the whole accumulated batch (counted after on-policy generation),
+like the token loss over ``num_items_in_batch``. The text is the student's decoding of its ids, not a dataset
+column, so the same path works for the data's completions, on-policy completions and DistiLLM's replayed ones,
+with no change to the dataset.
+
+DSKD (``loss="dskd"``) also reads both models' last hidden states at the pairs (the trainer asks the models for
+``output_hidden_states`` only then) and trains two projectors between the hidden spaces,
+:class:`DualSpaceProjectors`. The trainer owns them (``trainer.dskd_projectors``), not the student: they are
+optimised and gradient-clipped with the student, and saved in every checkpoint beside it
+(``fisherkd_projectors.pt``), so that ``save_pretrained`` of the student stays a plain student.
 """
 
 from __future__ import annotations
@@ -29,18 +35,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fisherkd.core import nearest
 from fisherkd.hf.alignment import _offsets_by_decoding, align_offsets, token_offsets
 
-__all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTokenizerConfig", "align_batch"]
+__all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTokenizerConfig", "DualSpaceProjectors", "align_batch"]
 
-CROSS_TOKENIZER_LOSSES: tuple[str, ...] = ("uld", "span_kl")
-# ULD: λ = 1.5 beside the cross-entropy (Boizard et al. 2024, distil_factor); GOLD: uld_distillation_weight 1
-DEFAULT_WEIGHTS = {"uld": 1.5, "span_kl": 1.0}
+CROSS_TOKENIZER_LOSSES: tuple[str, ...] = ("uld", "span_kl", "dskd")
+# ULD: λ = 1.5 beside the cross-entropy (Boizard et al. 2024, distil_factor); GOLD: uld_distillation_weight 1;
+# DSKD: kd_rate 0.5, i.e. 0.5·CE + 0.5·dskd (songmzhang/DSKD)
+DEFAULT_WEIGHTS = {"uld": 1.5, "span_kl": 1.0, "dskd": 0.5}
 # the cross-entropy weight that comes with each loss when label_loss_weight is not given (GOLD: 0)
-DEFAULT_LABEL_WEIGHTS = {"uld": 1.0, "span_kl": 0.0}
+DEFAULT_LABEL_WEIGHTS = {"uld": 1.0, "span_kl": 0.0, "dskd": 0.5}
+# ULD and GOLD use τ = 1; every DSKD script passes --kd-temperature 2.0
+DEFAULT_TEMPERATURES = {"uld": 1.0, "span_kl": 1.0, "dskd": 2.0}
 IGNORE = -100
 
 
@@ -54,26 +63,31 @@ class CrossTokenizerConfig:
     passed to the trainer beside the student's, ``DistillationTrainer(..., processing_class=student_tok,
     teacher_processing_class=teacher_tok)``, so that this config holds plain values only.
 
-    - ``loss``: ``"uld"`` (Boizard et al. 2024: sorted-probability L1, no vocabulary correspondence) or
-      ``"span_kl"`` (GOLD's hybrid: KL on the tokens whose strings both vocabularies have + ULD on the rest).
-    - ``weight``: None gives the authors' (ULD 1.5, span_kl 1); with ``label_loss_weight`` unset the config adds
-      the cross-entropy they pair it with (ULD 1, GOLD 0).
-    - ``temperature`` (both models, no τ²), ``chunk_size`` (aligned rows per chunk; None: 8 MiB chunks).
+    - ``loss``: ``"uld"`` (Boizard et al. 2024: sorted-probability L1, no vocabulary correspondence),
+      ``"span_kl"`` (GOLD's hybrid: KL on the tokens whose strings both vocabularies have + ULD on the rest) or
+      ``"dskd"`` (Zhang et al. 2024: KD in each model's space through trained projectors of the hidden states).
+    - ``weight``: None gives the authors' (ULD 1.5, span_kl 1, DSKD 0.5); with ``label_loss_weight`` unset the
+      config adds the cross-entropy they pair it with (ULD 1, GOLD 0, DSKD 0.5).
+    - ``temperature`` (both models, no τ²; None: the authors', ULD and span_kl 1, DSKD 2), ``chunk_size``
+      (aligned rows per chunk; None: 8 MiB chunks).
     - ``top_k``: ULD only, compare the k largest probabilities of each side (None: full vocabularies).
     - ``matched_weight`` / ``unmatched_weight``: span_kl only, both or neither; None: TRL's adaptive K/V_t and
       1 − K/V_t (K shared tokens, V_t the teacher's logit width).
+    - ``correct_only``: DSKD only; score the KD in the student's space only where the projected teacher predicts
+      the label (the authors' cross-vocabulary code). None: True.
     - ``teacher_max_length``: truncate the teacher's ids to this many tokens (its tokenizer may split the text
       into more tokens than the student's); the text beyond is not compared. None: no truncation.
     """
 
     loss: str = "uld"
     weight: float | None = None
-    temperature: float = 1.0
+    temperature: float | None = None
     chunk_size: int | None = None
     top_k: int | None = None
     matched_weight: float | None = None
     unmatched_weight: float | None = None
     teacher_max_length: int | None = None
+    correct_only: bool | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in CROSS_TOKENIZER_LOSSES:
@@ -82,6 +96,14 @@ class CrossTokenizerConfig:
             )
         if self.weight is None:
             self.weight = DEFAULT_WEIGHTS[self.loss]
+        if self.temperature is None:
+            self.temperature = DEFAULT_TEMPERATURES[self.loss]
+        if self.correct_only is not None and self.loss != "dskd":
+            raise ValueError("cross_tokenizer correct_only is for loss 'dskd'")
+        if self.loss == "dskd" and self.correct_only is None:
+            self.correct_only = True
+        if self.correct_only is not None and not isinstance(self.correct_only, bool):
+            raise ValueError(f"cross_tokenizer correct_only must be True, False or None, got {self.correct_only!r}")
         if not _is_number(self.weight) or self.weight < 0:
             raise ValueError(f"cross_tokenizer weight must be a number >= 0, got {self.weight!r}")
         if not _is_number(self.temperature) or self.temperature <= 0:
@@ -113,6 +135,24 @@ class CrossTokenizerConfig:
             if key not in known:
                 raise ValueError(f"cross_tokenizer has no field {key!r}; {nearest(str(key), known)}")
         return cls(**fields)
+
+
+class DualSpaceProjectors(nn.Module):
+    """DSKD's two projectors between the hidden spaces, one ``nn.Linear`` each way as the authors' default
+    (``"s-t"`` and ``"t-s"`` in their projector config): ``student_to_teacher`` d_s → d_t (the student read by the
+    teacher's head) and ``teacher_to_student`` d_t → d_s (the teacher read by the student's head). Inputs are
+    cast to the projectors' dtype (fp32 by default, whatever the models')."""
+
+    def __init__(self, student_hidden_size: int, teacher_hidden_size: int) -> None:
+        super().__init__()
+        self.student_to_teacher = nn.Linear(student_hidden_size, teacher_hidden_size)
+        self.teacher_to_student = nn.Linear(teacher_hidden_size, student_hidden_size)
+
+    def to_teacher(self, hidden: Tensor) -> Tensor:
+        return self.student_to_teacher(hidden.to(self.student_to_teacher.weight.dtype))
+
+    def to_student(self, hidden: Tensor) -> Tensor:
+        return self.teacher_to_student(hidden.to(self.teacher_to_student.weight.dtype))
 
 
 def student_offsets(tokenizer: Any, ids: list[int]) -> tuple[str, list[tuple[int, int]], list[bool]]:

@@ -49,7 +49,14 @@ from torch import Tensor
 from fisherkd.core import nearest
 from fisherkd.functional.logits import _check_jsd_beta, _kl, _log_mixture, _log_probs
 
-__all__ = ["CHUNK_BYTES", "DIVERGENCES", "Divergence", "chunk_rows", "token_distillation_loss"]
+__all__ = [
+    "CHUNK_BYTES",
+    "DIVERGENCES",
+    "Divergence",
+    "chunk_rows",
+    "hidden_token_distillation_loss",
+    "token_distillation_loss",
+]
 
 # The default chunk: fp32 [chunk × V] work tensors of 8 MiB each (see chunk_rows).
 CHUNK_BYTES = 8 << 20
@@ -238,6 +245,20 @@ def softmax_backward(h: Tensor, p_s: Tensor, scale: float) -> Tensor:
     return h.addcmul_(p_s, h.sum(-1, keepdim=True), value=-1.0).mul_(scale)
 
 
+def logit_chunk_loss(
+    student: Tensor, teacher: Tensor, divergence: str, temperature: float, beta: float, alpha: float, want_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row loss (τ²-scaled where the divergence has it) of student and teacher logit rows [c, V], and its
+    gradient with respect to the student rows (fp32) when ``want_grad``."""
+    scale = loss_scale(divergence, temperature)
+    log_p_s = floored_log_probs(student, temperature)
+    log_p_t = floored_log_probs(teacher, temperature).to(log_p_s.dtype)
+    value, h = divergence_and_h(log_p_s, log_p_t, divergence, beta, alpha)
+    del log_p_t
+    grad = softmax_backward(h, log_p_s.exp_(), scale / temperature) if want_grad else None
+    return value * scale, grad
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The public loss
 
@@ -295,18 +316,163 @@ def token_distillation_loss(
         )
     vocab = min(v_s, v_t)
     teacher = teacher_logits.detach().reshape(-1, v_t)
-    scale = loss_scale(divergence, temperature)
 
     def chunk_fn(student: Tensor, r: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         # x[r], not index_select: for bf16 rows on the CPU the latter is about ten times slower
-        log_p_s = floored_log_probs(student[r, :vocab], temperature)
-        log_p_t = floored_log_probs(teacher[r, :vocab], temperature).to(log_p_s.dtype)
-        value, h = divergence_and_h(log_p_s, log_p_t, divergence, beta, alpha)
-        del log_p_t
-        grad = softmax_backward(h, log_p_s.exp_(), scale / temperature) if want_grad else None
-        return value * scale, grad
+        return logit_chunk_loss(student[r, :vocab], teacher[r, :vocab], divergence, temperature, beta, alpha, want_grad)
 
     rows, weight = select_tokens(
         labels, shift, ignore_index, token_weight, reduction, num_items, accumulation_dtype(student_logits)
     )
     return chunked_token_loss(student_logits, rows, weight, chunk_fn, chunk_size)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Σ_rows w_r·ℓ_r with the student's logits of each chunk made from its hidden states, z = h·Wᵀ + b, and
+    dropped after use: no [tokens × V] tensor at all, neither the logits nor their gradient.
+
+    The gradients are produced in the forward pass, chunk by chunk: ∂/∂h[r] = g·W and ∂/∂W += gᵀ·h[r] (g the
+    weighted ∂ℓ/∂z of the chunk), into buffers of the inputs' shapes that the backward pass scales in place and hands
+    over. The head's gradient is a fresh contiguous tensor, so autograd adds a tied embedding's gradient into it in
+    place; a plain ``nn.Linear`` head gives a transposed view, and the sum of the two [V × H] gradients is then a third
+    [V × H] tensor (108 MiB for SmolLM2's 49k × 576 embedding).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: Tensor,
+        head: Tensor,
+        bias: Tensor | None,
+        rows: Tensor,
+        weight: Tensor,
+        teacher_logits: Callable[[Tensor], Tensor],
+        loss_fn: Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor | None]],
+        chunk_size: int,
+        wants: tuple[bool, bool, bool],
+    ) -> Tensor:
+        want_h, want_w, want_b = wants
+        want = want_h or want_w or want_b
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        # the first chunk writes the head's gradient, later ones add to it (no zero fill and no read of a [V × H]
+        # buffer that is still zero); no chunk at all leaves it zero
+        grad_w = torch.empty_like(head) if want_w else None
+        grad_b = torch.zeros_like(bias) if want_b else None
+        written = False
+        total = torch.zeros((), dtype=weight.dtype, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            r = rows[start : start + chunk_size]
+            w = weight[start : start + chunk_size]
+            x = hidden[r]
+            loss, g = loss_fn(nn_linear(x, head, bias), teacher_logits(r), want)
+            total += (w * loss).sum()
+            if g is None:
+                continue
+            # a truncated vocabulary gives a narrower g: the remaining rows of W keep their zero gradient
+            g = g.mul_(w.unsqueeze(-1)).to(head.dtype)
+            v = g.shape[-1]
+            if grad_h is not None:
+                grad_h[r] = (g @ head[:v]).to(grad_h.dtype)
+            if grad_w is not None and written:
+                grad_w[:v].addmm_(g.t(), x.to(head.dtype))
+            elif grad_w is not None:
+                torch.mm(g.t(), x.to(head.dtype), out=grad_w[:v])
+                grad_w[v:].zero_()  # rows beyond a truncated vocabulary
+                written = True
+            if grad_b is not None:
+                grad_b[:v] += g.sum(0).to(grad_b.dtype)
+        if grad_w is not None and not written:
+            grad_w.zero_()
+        ctx.grads = (grad_h, grad_w, grad_b) if want else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "the chunked token loss computes its gradient once, in the forward pass; backward through it a "
+                "second time (retain_graph=True) is not supported"
+            )
+        ctx.grads = None  # hand the buffers over instead of holding second copies
+        scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        return *scaled, None, None, None, None, None, None
+
+
+def nn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x·Wᵀ + b in the weight's dtype (an LM head's logits)."""
+    return torch.nn.functional.linear(x.to(weight.dtype), weight, bias)
+
+
+def hidden_token_distillation_loss(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    labels: Tensor,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    chunk_size: int | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+    token_weight: Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    num_items: int | float | Tensor | None = None,
+    vocab_truncation: bool = False,
+) -> Tensor:
+    """:func:`token_distillation_loss` of the logits z = h·Wᵀ + b of two LM heads, from the models' last hidden
+    states [B, T, H] and head weights [V, H] (and biases [V]), without ever holding a [tokens × V] tensor: each chunk's
+    logits of both models are made, scored and dropped, and the student's gradients with respect to its hidden states,
+    head weight and bias are accumulated chunk by chunk (see :class:`_ChunkedHeadLoss`). Same value and gradients as
+    ``token_distillation_loss(linear(h_s, W_s, b_s), linear(h_t, W_t, b_t), labels, ...)``; use it for heads that
+    are a plain linear map (no logit scaling or soft-capping after it)."""
+    check_divergence(divergence, beta, alpha)
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} must agree in every dimension but the last (width)"
+        )
+    if labels.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(student_hidden.shape[:-1])}")
+    for name, hidden, head in (("student", student_hidden, student_head), ("teacher", teacher_hidden, teacher_head)):
+        if head.dim() != 2 or head.shape[1] != hidden.shape[-1]:
+            raise ValueError(
+                f"the {name} head weight has shape {tuple(head.shape)}, expected [vocabulary, {hidden.shape[-1]}] "
+                "(the LM head's weight, whose rows are the tokens)"
+            )
+    v_s, v_t = student_head.shape[0], teacher_head.shape[0]
+    if v_s != v_t and not vocab_truncation:
+        raise ValueError(
+            f"student vocabulary size {v_s} differs from teacher vocabulary size {v_t}; if both use the same "
+            "tokenizer and one embedding matrix is only padded, set vocab_truncation=True to score the first "
+            f"{min(v_s, v_t)} entries"
+        )
+    vocab = min(v_s, v_t)
+    flat = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_flat = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    t_head, t_bias = teacher_head.detach()[:vocab], None if teacher_bias is None else teacher_bias.detach()[:vocab]
+
+    def teacher_logits(r: Tensor) -> Tensor:
+        return nn_linear(teacher_flat[r], t_head, t_bias)
+
+    def loss_fn(student: Tensor, teacher: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+        return logit_chunk_loss(student[:, :vocab], teacher, divergence, temperature, beta, alpha, want_grad)
+
+    rows, weight = select_tokens(
+        labels, shift, ignore_index, token_weight, reduction, num_items, accumulation_dtype(student_head)
+    )
+    grad = torch.is_grad_enabled()
+    wants = (
+        grad and student_hidden.requires_grad,
+        grad and student_head.requires_grad,
+        grad and student_bias is not None and student_bias.requires_grad,
+    )
+    chunk_size = chunk_rows(chunk_size, v_s)
+    return _ChunkedHeadLoss.apply(
+        flat, student_head, student_bias, rows, weight, teacher_logits, loss_fn, chunk_size, wants
+    )

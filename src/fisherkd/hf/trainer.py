@@ -15,8 +15,8 @@ method, tap and adapter works as in the rest of FisherKD, and adds for causal LM
 
 For a causal LM, ``DistillationConfig(token_loss={"divergence": "reverse_kl"}, label_loss_weight=0.5)`` scores
 every labelled token against the teacher's next-token distribution. A teacher with another tokenizer:
-``DistillationConfig(cross_tokenizer={"loss": "uld"})`` with ``teacher_processing_class=teacher_tokenizer``
-(see :mod:`fisherkd.hf.cross_tokenizer`).
+``DistillationConfig(cross_tokenizer={"loss": "uld"})`` (or ``"span_kl"``, ``"dskd"``) with
+``teacher_processing_class=teacher_tokenizer`` (see :mod:`fisherkd.hf.cross_tokenizer`).
 """
 
 from __future__ import annotations
@@ -45,18 +45,25 @@ from transformers.training_args import ParallelMode
 
 from fisherkd.core import model_logits, nearest
 from fisherkd.distiller import Distiller, MethodSpec, as_spec
-from fisherkd.functional.cross_tokenizer import span_kl_loss, uld_loss
+from fisherkd.functional.cross_tokenizer import dskd_loss, span_kl_loss, uld_loss
 from fisherkd.hf.alignment import vocab_map
-from fisherkd.hf.cross_tokenizer import DEFAULT_LABEL_WEIGHTS, CrossTokenizerConfig, align_batch
+from fisherkd.hf.cross_tokenizer import DEFAULT_LABEL_WEIGHTS, CrossTokenizerConfig, DualSpaceProjectors, align_batch
 from fisherkd.hf.layers import check_vocabularies, vocab_size
 from fisherkd.hf.policy import MixedPolicy, PolicyConfig
-from fisherkd.hf.token_losses import DIVERGENCES, check_divergence, chunk_rows, token_distillation_loss
+from fisherkd.hf.token_losses import (
+    DIVERGENCES,
+    check_divergence,
+    chunk_rows,
+    hidden_token_distillation_loss,
+    token_distillation_loss,
+)
 from fisherkd.methods import method_class
 
 __all__ = [
     "CrossTokenizerConfig",
     "DISTILLER_STATE_NAME",
     "POLICY_STATE_NAME",
+    "PROJECTORS_STATE_NAME",
     "DistillationConfig",
     "DistillationTrainer",
     "PolicyConfig",
@@ -69,10 +76,22 @@ INDEX_COLUMN = "index"
 DISTILLER_STATE_NAME = "fisherkd_distiller.pt"
 # The mixed policy's state (DistiLLM threshold, replay buffer, source counts) inside every Trainer checkpoint.
 POLICY_STATE_NAME = "fisherkd_policy.pt"
+# DSKD's projectors between the two hidden spaces (cross_tokenizer loss "dskd") inside every Trainer checkpoint.
+PROJECTORS_STATE_NAME = "fisherkd_projectors.pt"
 # Batch entries added by the cross-tokenizer alignment (see fisherkd.hf.cross_tokenizer.align_batch); the number
 # of aligned pairs of the whole accumulated batch, counted in get_batch_samples, normalises the loss.
 ALIGNMENT_KEYS = ("teacher_input_ids", "teacher_attention_mask", "aligned_positions")
 ALIGNED_ROWS_KEY = "aligned_rows_in_batch"
+
+# Config fields of LM heads that scale or cap the logits after the linear map (Gemma's soft-capping, Cohere's
+# logit_scale, Granite's logits_scaling, ...): such models keep the logits path (see _plain_head).
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
 
 Task = Literal["auto", "causal_lm", "sequence_classification"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -142,10 +161,10 @@ class DistillationConfig:
       multi-label loss); 0 leaves it out (for classification the ``ce`` method is the usual way to add it).
       None (the default) is 0, except with ``cross_tokenizer``: the authors' (ULD 1, GOLD's span_kl 0).
     - ``cross_tokenizer``: causal LMs whose tokenizers differ: a
-      :class:`~fisherkd.hf.cross_tokenizer.CrossTokenizerConfig` or a dict of its fields (``{"loss": "uld"}`` or
-      ``{"loss": "span_kl"}``); the trainer then needs ``processing_class`` and ``teacher_processing_class``.
-      It replaces ``token_loss`` (which needs one vocabulary) and takes no ``methods`` (the teacher reads other
-      ids).
+      :class:`~fisherkd.hf.cross_tokenizer.CrossTokenizerConfig` or a dict of its fields (``{"loss": "uld"}``,
+      ``{"loss": "span_kl"}`` or ``{"loss": "dskd"}``); the trainer then needs ``processing_class`` and
+      ``teacher_processing_class``. It replaces ``token_loss`` (which needs one vocabulary) and takes no
+      ``methods`` (the teacher reads other ids).
     - ``policy``: causal LMs only; where completions come from (data, the student on-policy, the teacher,
       DistiLLM's adaptive replay): a :class:`~fisherkd.hf.policy.PolicyConfig` or a dict of its fields.
     - ``teacher_dtype``: cast the frozen teacher, e.g. ``"bfloat16"`` to halve its memory; None keeps it.
@@ -230,6 +249,21 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return inner if inner is not None and type(model).__name__.startswith("Peft") else model
 
 
+def _plain_head(model: nn.Module) -> bool:
+    """Whether a causal LM's logits are its backbone's last hidden state through a plain ``nn.Linear`` head (no
+    logit scaling or capping after it, no prompt-learning PEFT adapter before it), so that the token loss may make
+    them itself, chunk by chunk, from ``model.base_model``'s output."""
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
+    inner = _unwrap_peft(model)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    config = getattr(inner, "config", None)
+    if get_head is None or config is None or getattr(inner, "base_model", inner) is inner:
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return type(get_head()) is nn.Linear and all(getattr(text, name, None) is None for name in LOGIT_TRANSFORMS)
+
+
 def _is_causal_lm(model: nn.Module, task: Task) -> bool:
     if task != "auto":
         return task == "causal_lm"
@@ -291,7 +325,9 @@ class DistillationTrainer(Trainer):
     Across tokenizers (``cross_tokenizer``, with ``teacher_processing_class=``), each accumulated batch is aligned
     by text after on-policy generation (:mod:`fisherkd.hf.cross_tokenizer`): the teacher runs on its own tokens of
     the student's decoded rows, and the loss is summed over the aligned completion positions and divided by their
-    number in the whole accumulated batch (logged as that mean, ``distill/uld`` or ``distill/span_kl``).
+    number in the whole accumulated batch (logged as that mean, ``distill/uld``, ``distill/span_kl`` or
+    ``distill/dskd``). DSKD's projectors (``trainer.dskd_projectors``) are trained, clipped and checkpointed
+    (``fisherkd_projectors.pt``) like the adapters; it runs in one process.
 
     On a causal LM the logit-family methods (``kd``, ``jsd``, ``dkd``, ...) are refused: they score one
     distribution per example, and on [batch, tokens, vocab] logits they would score every position, pads and
@@ -333,12 +369,13 @@ class DistillationTrainer(Trainer):
         self._prepare_teacher()
         self.teacher_processing_class = teacher_processing_class
         self.shared_vocab = None
+        self.dskd_projectors: DualSpaceProjectors | None = None
         if config.cross_tokenizer is not None:
             self._check_cross_tokenizer()
         elif teacher_processing_class is not None:
             raise ValueError(
                 "teacher_processing_class is read only for cross-tokenizer distillation: add "
-                "cross_tokenizer={'loss': 'uld'} (or 'span_kl') to the DistillationConfig, or leave it out"
+                "cross_tokenizer={'loss': 'uld'} (or 'span_kl', 'dskd') to the DistillationConfig, or leave it out"
             )
         if self.causal_lm:
             if config.cross_tokenizer is None:
@@ -348,7 +385,7 @@ class DistillationTrainer(Trainer):
                 except ValueError as err:
                     raise ValueError(
                         f"{err}. With different tokenizers, distil across them: DistillationConfig("
-                        "cross_tokenizer={'loss': 'uld'}) or {'loss': 'span_kl'}, with "
+                        "cross_tokenizer={'loss': 'uld'}) or {'loss': 'span_kl'} or {'loss': 'dskd'}, with "
                         "teacher_processing_class=teacher_tokenizer"
                     ) from None
             for spec in config.methods:
@@ -381,6 +418,20 @@ class DistillationTrainer(Trainer):
                 for m in (self.model, teacher_model)
             )
         )
+        # A token loss alone, in one process, on two plain LM heads: both models stop at their last hidden state and
+        # the loss makes each chunk's logits itself (hidden_token_distillation_loss), so no [tokens × V] tensor is
+        # held, and the student head's gradient is one contiguous buffer that a tied embedding's adds into in place.
+        self.fused_head = (
+            self.scored_logits_only
+            and config.token_loss is not None
+            and not config.label_loss_weight
+            and config.cross_tokenizer is None
+            and self.args.parallel_mode != ParallelMode.DISTRIBUTED
+            and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
+            and _plain_head(self.model)
+            and _plain_head(teacher_model)
+        )
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
         self.add_callback(_DistillerCallback(self))
@@ -408,6 +459,24 @@ class DistillationTrainer(Trainer):
                 )
         if self.distillation.cross_tokenizer.loss == "span_kl":
             self.shared_vocab = vocab_map(self.processing_class, self.teacher_processing_class)
+        if self.distillation.cross_tokenizer.loss == "dskd":
+            self._build_dskd_projectors()
+
+    def _build_dskd_projectors(self) -> None:
+        """DSKD's projectors, sized by the two LM heads and kept by the trainer (see distiller_parameters)."""
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            raise NotImplementedError(
+                "cross_tokenizer loss 'dskd' runs in one process for now: its projectors are trained outside the "
+                "DDP wrapper, so their gradients would not be averaged; use 'uld' or 'span_kl' under DDP"
+            )
+        heads = [_unwrap_peft(m).get_output_embeddings() for m in (self.model, self.teacher_model)]
+        if any(not isinstance(getattr(head, "weight", None), Tensor) for head in heads):
+            raise ValueError(
+                "cross_tokenizer loss 'dskd' reads both models' LM heads (get_output_embeddings().weight), but one "
+                "model has none; use 'uld' or 'span_kl'"
+            )
+        sizes = [head.weight.shape[1] for head in heads]
+        self.dskd_projectors = DualSpaceProjectors(*sizes).to(self._student_device())
 
     def _prepare_teacher(self) -> None:
         teacher = self.teacher_model
@@ -456,10 +525,11 @@ class DistillationTrainer(Trainer):
         return next(iter(loader))
 
     def distiller_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the adapters and methods (not the student's, not the teacher's)."""
-        if self.distiller is None:
-            return []
-        modules = (self.distiller.adapters, self.distiller.methods)
+        """Trainable parameters of the adapters, methods and DSKD's projectors (not the student's, not the
+        teacher's)."""
+        modules = [] if self.distiller is None else [self.distiller.adapters, self.distiller.methods]
+        if self.dskd_projectors is not None:
+            modules.append(self.dskd_projectors)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -475,16 +545,18 @@ class DistillationTrainer(Trainer):
         if not given and extra:
             # One module over student, adapters and methods, so that the Trainer's usual optimizer construction
             # (weight-decay groups, optimizer class from the arguments) covers all of them.
-            student = self.model if model is None else model
-            model = nn.ModuleDict(
-                {"student": student, "adapters": self.distiller.adapters, "methods": self.distiller.methods}
-            )
+            parts = {"student": self.model if model is None else model}
+            if self.distiller is not None:
+                parts |= {"adapters": self.distiller.adapters, "methods": self.distiller.methods}
+            if self.dskd_projectors is not None:
+                parts["projectors"] = self.dskd_projectors
+            model = nn.ModuleDict(parts)
         optimizer = super().create_optimizer(model)
         if given and extra:
             optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if any(id(p) not in optimized for p in extra):
                 raise ValueError(
-                    "the optimizer passed to DistillationTrainer misses the adapter/method parameters; pass "
+                    "the optimizer passed to DistillationTrainer misses the adapter/method/projector parameters; pass "
                     "optimizer_cls_and_kwargs= instead, or build it over model.parameters() + "
                     "trainer.distiller_parameters() and set trainer.optimizer before train()"
                 )
@@ -572,6 +644,8 @@ class DistillationTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}  # the teacher need not compute a loss
         if (config.label_loss_weight or config.token_loss is not None) and labels is None:
             raise ValueError(self._missing_labels_message())
+        if self.fused_head and not return_outputs:
+            return self._hidden_token_loss(model, model_inputs, labels, num_items_in_batch)
         shift = True
         if self.scored_logits_only and labels is not None and not return_outputs:
             # Only the scored positions (those followed by a labelled token) go through either LM head: no
@@ -625,6 +699,10 @@ class DistillationTrainer(Trainer):
             total = None
         pairs = aligned["aligned_positions"].to(labels.device)
         rows, student_pos, teacher_pos = pairs.unbind(1)
+        # DSKD also reads the last hidden states at the pairs; the other losses need no hidden states at all
+        dskd = c.loss == "dskd"
+        hidden: dict[str, Any] = {"output_hidden_states": True} if dskd else {}
+        next_tokens = labels[rows, student_pos + 1]  # the student's label at each pair (DSKD's cross-entropy)
 
         shift = True
         if self.scored_logits_only and not return_outputs:
@@ -632,12 +710,15 @@ class DistillationTrainer(Trainer):
             # aligned student position) and the teacher's aligned positions; logits come back as [kept, vocab].
             scored = torch.zeros_like(labels, dtype=torch.bool)
             scored[:, :-1] = labels[:, 1:] != -100
-            student_logits = model_logits(model(**inputs, logits_to_keep=scored))
+            student_out = model(**inputs, logits_to_keep=scored, **hidden)
             student_rows = _rank(scored)[rows, student_pos]
             labels, shift = labels[:, 1:][scored[:, :-1]][None], False
         else:
-            student_logits = model_logits(model(**inputs))
-            student_rows = rows * student_logits.shape[1] + student_pos
+            student_out = model(**inputs, **hidden)
+            student_rows = rows * labels.shape[1] + student_pos
+        student_logits = model_logits(student_out)
+        student_hidden = student_out.hidden_states[-1][rows, student_pos] if dskd else None
+        del student_out
         teacher_ids = aligned["teacher_input_ids"].to(labels.device)
         teacher_inputs = {
             "input_ids": teacher_ids,
@@ -647,16 +728,34 @@ class DistillationTrainer(Trainer):
             if self.scored_logits_only:
                 kept = torch.zeros_like(teacher_ids, dtype=torch.bool)
                 kept[rows, teacher_pos] = True
-                teacher_logits = model_logits(self.teacher_model(**teacher_inputs, logits_to_keep=kept))
+                teacher_out = self.teacher_model(**teacher_inputs, logits_to_keep=kept, **hidden)
                 teacher_rows = _rank(kept)[rows, teacher_pos]
             else:
-                teacher_logits = model_logits(self.teacher_model(**teacher_inputs))
-                teacher_rows = rows * teacher_logits.shape[1] + teacher_pos
+                teacher_out = self.teacher_model(**teacher_inputs, **hidden)
+                teacher_rows = rows * teacher_ids.shape[1] + teacher_pos
+            teacher_logits = model_logits(teacher_out)
+            teacher_hidden = teacher_out.hidden_states[-1][rows, teacher_pos] if dskd else None
+            del teacher_out  # the teacher's other layers' hidden states
         options: dict[str, Any] = dict(
             student_rows=student_rows, teacher_rows=teacher_rows, reduction="sum", chunk_size=c.chunk_size
         )
         if c.loss == "uld":
             summed = uld_loss(student_logits, teacher_logits, c.temperature, top_k=c.top_k, **options)
+        elif dskd:
+            heads = [_unwrap_peft(m).get_output_embeddings().weight for m in (self.model, self.teacher_model)]
+            summed = dskd_loss(
+                student_logits,
+                teacher_logits,
+                student_hidden,
+                teacher_hidden,
+                *heads,
+                self.dskd_projectors.to_teacher,
+                self.dskd_projectors.to_student,
+                next_tokens,
+                c.temperature,
+                correct_only=c.correct_only,
+                **options,
+            )
         else:
             summed = span_kl_loss(
                 student_logits,
@@ -680,6 +779,40 @@ class DistillationTrainer(Trainer):
         if model.training:
             self._accumulate_terms(terms)
         return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _hidden_token_loss(
+        self, model: nn.Module, inputs: dict[str, Any], labels: Tensor, num_items_in_batch: Tensor | int | None
+    ) -> Tensor:
+        """The token loss from both models' last hidden states and LM heads (see ``fused_head``): the backbones run
+        without their heads and without a KV cache, the teacher's under no_grad."""
+        inputs = {k: v for k, v in inputs.items() if k != INDEX_COLUMN} | {"use_cache": False}
+        student, teacher = _unwrap_peft(model), _unwrap_peft(self.teacher_model)
+        hidden = student.base_model(**inputs).last_hidden_state
+        with torch.no_grad():
+            teacher_hidden = teacher.base_model(**inputs).last_hidden_state
+        s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+        c = self.distillation.token_loss
+        token = c.weight * hidden_token_distillation_loss(
+            hidden,
+            s_head.weight,
+            teacher_hidden,
+            t_head.weight,
+            labels,
+            c.divergence,
+            c.temperature,
+            student_bias=s_head.bias,
+            teacher_bias=t_head.bias,
+            beta=c.beta,
+            alpha=c.alpha,
+            chunk_size=c.chunk_size,
+            num_items=num_items_in_batch,
+            vocab_truncation=c.vocab_truncation,
+        )
+        terms = {"token": token * self._token_factor(model, num_items_in_batch)}
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        if model.training:
+            self._accumulate_terms(terms)
+        return terms["token"] / steps
 
     def _missing_labels_message(self) -> str:
         if not self.causal_lm:
@@ -786,6 +919,18 @@ class DistillationTrainer(Trainer):
             torch.save(self._distiller_state(), os.path.join(folder, DISTILLER_STATE_NAME))
         if self.policy is not None:
             torch.save(self.policy.state_dict(), os.path.join(folder, POLICY_STATE_NAME))
+        if self.dskd_projectors is not None:
+            torch.save(self.dskd_projectors.state_dict(), os.path.join(folder, PROJECTORS_STATE_NAME))
+
+    def _load_projectors(self, folder: str) -> None:
+        if self.dskd_projectors is None:
+            return
+        path = os.path.join(folder, PROJECTORS_STATE_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(f"{folder} has no {PROJECTORS_STATE_NAME}: DSKD's projectors start afresh", stacklevel=2)
+            return
+        state = torch.load(path, map_location=self._student_device(), weights_only=True)
+        self.dskd_projectors.load_state_dict(state)
 
     def _load_distiller_state(self, folder: str) -> None:
         path = os.path.join(folder, DISTILLER_STATE_NAME)
@@ -809,6 +954,7 @@ class DistillationTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_distiller_state(resume_from_checkpoint)
+        self._load_projectors(resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, POLICY_STATE_NAME)
         if self.policy is not None and os.path.isfile(path):
             self.policy.load_state_dict(torch.load(path, weights_only=True))
@@ -816,3 +962,4 @@ class DistillationTrainer(Trainer):
     def _load_best_model(self) -> None:
         super()._load_best_model()
         self._load_distiller_state(self.state.best_model_checkpoint)
+        self._load_projectors(self.state.best_model_checkpoint)
