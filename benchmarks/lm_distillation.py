@@ -81,9 +81,17 @@ def prepare_data(config: dict, shakespeare: Path, folder: Path) -> None:
     from fisherkd.hf.offline import shakespeare_plays
 
     teacher, _, tokenizer = load_pair(config)
+    split = cut_windows(config, shakespeare_plays(shakespeare), tokenizer)
+    c = config["data"]["completion_tokens"]
+    split["teacher_continuations"] = greedy(teacher, split["rouge_prompts"], c, tokenizer)
+    torch.save(split, folder / "data.pt")
+
+
+def cut_windows(config: dict, plays: dict[str, str], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """The windows of the study (ids, seeded): ``train``, ``validation`` and, from the held-out plays, ``test``
+    and the ``rouge_prompts`` (prompt part only)."""
     data = config["data"]
     p, c = data["prompt_tokens"], data["completion_tokens"]
-    plays = shakespeare_plays(shakespeare)
     missing = [name for name in data["held_out"] if name not in plays]
     if missing:
         raise SystemExit(f"held-out plays {missing} are not in the corpus; plays: {sorted(plays)}")
@@ -102,10 +110,8 @@ def prepare_data(config: dict, shakespeare: Path, folder: Path) -> None:
         "validation": torch.tensor(train[:32]),
         "test": torch.tensor(draw(test_ids, data["eval_examples"])),
     }
-    prompts = torch.tensor(draw(test_ids, data["rouge_prompts"]))[:, :p]
-    split["rouge_prompts"] = prompts
-    split["teacher_continuations"] = greedy(teacher, prompts, c, tokenizer)
-    torch.save(split, folder / "data.pt")
+    split["rouge_prompts"] = torch.tensor(draw(test_ids, data["rouge_prompts"]))[:, :p]
+    return split
 
 
 @torch.no_grad()
@@ -155,7 +161,10 @@ class StepTimes:
         return Timer()
 
 
-def training_arguments(config: dict, seed: int, output: str, trl: bool = False, **extra: Any) -> Any:
+def training_arguments(config: dict, seed: int, output: str, trl: bool = False, arguments: Any = None,
+                       **extra: Any) -> Any:
+    """The study's training arguments, as ``TrainingArguments``, TRL's ``DistillationConfig`` (``trl``) or another
+    subclass (``arguments``, e.g. TRL's ``GOLDConfig``)."""
     train = config["train"]
     common = dict(
         output_dir=output, max_steps=train["steps"], per_device_train_batch_size=train["batch_size"],
@@ -164,6 +173,8 @@ def training_arguments(config: dict, seed: int, output: str, trl: bool = False, 
         save_strategy="no", report_to="none", use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
         bf16=False, gradient_checkpointing=False, **extra,
     )
+    if arguments is not None:
+        return arguments(**common)
     if trl:
         from trl import DistillationConfig as TRLConfig
 
@@ -262,34 +273,38 @@ def run(config: dict, arm: str, seed: int, folder: Path) -> dict[str, Any] | Non
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def analyse(config: dict, runs: dict[str, list[dict]]) -> dict[str, Any]:
+def analyse(config: dict, runs: dict[str, list[dict]], metrics: tuple[str, ...] = METRICS,
+            higher: dict[str, bool] = HIGHER_IS_BETTER) -> dict[str, Any]:
     comparisons = {}
     for a, b in config["comparisons"]:
         if a not in runs or b not in runs:
             continue
         rows = {}
-        for metric in METRICS:
+        for metric in metrics:
             d = paired_difference([r[metric] for r in runs[a]], [r[metric] for r in runs[b]])
-            better = d.low > 0 if HIGHER_IS_BETTER[metric] else d.high < 0
-            worse = d.high < 0 if HIGHER_IS_BETTER[metric] else d.low > 0
+            better = d.low > 0 if higher[metric] else d.high < 0
+            worse = d.high < 0 if higher[metric] else d.low > 0
             rows[metric] = {"mean": d.mean, "low": d.low, "high": d.high,
                             "verdict": "wins" if better else "loses" if worse else "ties"}
         comparisons[f"{a} − {b}"] = rows
     return comparisons
 
 
-def table(config: dict, runs: dict[str, list[dict]], comparisons: dict[str, Any]) -> str:
+DIGITS = {"ppl": 1, "agree": 3, "kl": 3, "rouge_l": 3, "seconds_per_step": 2, "peak_mib": 0}
+
+
+def table(config: dict, runs: dict[str, list[dict]], comparisons: dict[str, Any], metrics: tuple[str, ...] = METRICS,
+          digits: dict[str, int] = DIGITS) -> str:
     def cell(values: list[float], digits: int) -> str:
         mean = statistics.fmean(values)
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
-    digits = {"ppl": 1, "agree": 3, "kl": 3, "rouge_l": 3, "seconds_per_step": 2, "peak_mib": 0}
-    lines = ["| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines = ["| arm | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for arm, results in runs.items():
-        lines.append(f"| {arm} | " + " | ".join(cell([r[m] for r in results], digits[m]) for m in METRICS) + " |")
+        lines.append(f"| {arm} | " + " | ".join(cell([r[m] for r in results], digits[m]) for m in metrics) + " |")
     lines += ["", "Paired by seed: mean difference [95% interval] (verdict for the first arm).", "",
-              "| comparison | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+              "| comparison | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, rows in comparisons.items():
         cells = [f"{r['mean']:+.{digits[m] + 1}f} [{r['low']:+.{digits[m] + 1}f}, {r['high']:+.{digits[m] + 1}f}] "
                  f"{r['verdict']}" for m, r in rows.items()]

