@@ -84,6 +84,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fisherkd.functional.saved_gradients import scaled_saved_gradients
+
 __all__ = ["dskd_loss", "span_kl_loss", "uld_loss"]
 
 # fp32 [chunk × V] work tensors of 8 MiB each by default (fisherkd.hf.token_losses.chunk_rows explains why bytes)
@@ -160,19 +162,13 @@ class _ChunkedRows(torch.autograd.Function):
             if grad is not None and g is not None:
                 # index_add_, not assignment: one student row may be paired more than once
                 grad.index_add_(0, r_s, g.mul_(w.unsqueeze(-1)).to(grad.dtype))
-        ctx.grad = grad
+        ctx.grads = (grad,)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(
-                "the chunked cross-tokenizer loss computes its gradient once, in the forward pass; backward "
-                "through it a second time (retain_graph=True) is not supported"
-            )
-        ctx.grad = None
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None
+        (grad,) = scaled_saved_gradients(ctx, grad_output, "the chunked cross-tokenizer loss")
+        return grad, None, None, None, None, None, None, None
 
 
 def _flat_rows(logits: Tensor, rows: Tensor | None, name: str) -> tuple[Tensor, Tensor | None]:
@@ -474,16 +470,7 @@ class _DualSpaceRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "dskd_loss computes its gradients once, in the forward pass; backward through it a second time "
-                "(retain_graph=True) is not supported"
-            )
-        ctx.grads = None
-        g_student, g_teacher_space, g_student_space = (
-            None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads
-        )
+        g_student, g_teacher_space, g_student_space = scaled_saved_gradients(ctx, grad_output, "dskd_loss")
         return (g_student, None, g_teacher_space, g_student_space) + (None,) * 10
 
 

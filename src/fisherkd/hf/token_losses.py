@@ -48,6 +48,7 @@ from torch import Tensor
 
 from fisherkd.core import nearest
 from fisherkd.functional.logits import _check_jsd_beta, _kl, _log_mixture, _log_probs
+from fisherkd.functional.saved_gradients import scaled_saved_gradients
 
 __all__ = [
     "CHUNK_BYTES",
@@ -190,19 +191,12 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             if grad is not None and g is not None:
                 # a truncated vocabulary gives a narrower g: the remaining columns keep their zero gradient
                 grad[r, : g.shape[-1]] = g.mul_(w.unsqueeze(-1)).to(grad.dtype)
-        ctx.grad = grad
+        ctx.grads = (grad,)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError(
-                "the chunked token loss computes its gradient once, in the forward pass; backward through it a "
-                "second time (retain_graph=True) is not supported"
-            )
-        ctx.grad = None  # hand the buffer over instead of holding a second copy
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
+        return *scaled_saved_gradients(ctx, grad_output, "the chunked token loss"), None, None, None, None, None
 
 
 def chunk_rows(chunk_size: int | None, vocab: int) -> int:
@@ -388,14 +382,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                "the chunked token loss computes its gradient once, in the forward pass; backward through it a "
-                "second time (retain_graph=True) is not supported"
-            )
-        ctx.grads = None  # hand the buffers over instead of holding second copies
-        scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        scaled = scaled_saved_gradients(ctx, grad_output, "the chunked token loss")
         return *scaled, None, None, None, None, None, None
 
 
