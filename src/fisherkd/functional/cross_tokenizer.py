@@ -240,8 +240,6 @@ def _aligned_loss(
     row_fn: RowFn,
 ) -> Tensor:
     """Σ_r w_r·ℓ_r (/ number of rows for ``mean``) with the chunked autograd function."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     student, teacher, s_rows, t_rows = _pair_rows(student_logits, teacher_logits, student_rows, teacher_rows)
     weight = _row_weights(sample_weight, s_rows.numel(), reduction, student)
     chunk = _chunk_rows(chunk_size, max(student.shape[1], teacher.shape[1]))
