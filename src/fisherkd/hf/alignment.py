@@ -51,6 +51,7 @@ __all__ = [
     "byte_level_alphabet",
     "is_byte_level",
     "normalize_token",
+    "offsets_by_decoding",
     "token_offsets",
     "vocab_map",
 ]
@@ -102,13 +103,14 @@ def token_offsets(
     else:
         ids = list(tokenizer(text, **kwargs)["input_ids"])
         special = [i in special_ids for i in ids]
-        offsets = _offsets_by_decoding(tokenizer, text, ids, special)
+        offsets = offsets_by_decoding(tokenizer, text, ids, special)
     keep = [not s and a < b for s, (a, b) in zip(special, offsets)]
     return ids, offsets, keep
 
 
-def _offsets_by_decoding(tokenizer: Any, text: str, ids: list[int], special: list[bool]) -> list[tuple[int, int]]:
-    """Character offsets from cumulative decoding (see :func:`token_offsets`)."""
+def offsets_by_decoding(tokenizer: Any, text: str, ids: list[int], special: list[bool]) -> list[tuple[int, int]]:
+    """Character offsets of ``ids`` in ``text`` from cumulative decoding: exact for any ids, e.g. a sampled
+    completion that is not the canonical tokenization of its text (see :func:`token_offsets`)."""
     offsets: list[tuple[int, int]] = []
     kept: list[int] = []
     lead: int | None = None  # where the decoded text starts in the text (after a leading space the decoder drops)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from fisherkd.core import nearest
-from fisherkd.hf.alignment import _offsets_by_decoding, align_offsets, token_offsets
+from fisherkd.hf.alignment import align_offsets, offsets_by_decoding, token_offsets
 
 __all__ = ["CROSS_TOKENIZER_LOSSES", "CrossTokenizerConfig", "DualSpaceProjectors", "align_batch"]
 
@@ -172,7 +172,7 @@ def student_offsets(tokenizer: Any, ids: list[int]) -> tuple[str, list[tuple[int
             found = iter(encoding["offset_mapping"])
             offsets = [(0, 0) if s else tuple(map(int, next(found))) for s in special]
             return text, offsets, [not s and a < b for s, (a, b) in zip(special, offsets)]
-    offsets = _offsets_by_decoding(tokenizer, text, ids, special)
+    offsets = offsets_by_decoding(tokenizer, text, ids, special)
     return text, offsets, [not s and a < b for s, (a, b) in zip(special, offsets)]
 
 
