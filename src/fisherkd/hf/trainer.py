@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
@@ -270,6 +271,51 @@ def _is_causal_lm(model: nn.Module, task: Task) -> bool:
     return type(_unwrap_peft(model)).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
 
+def _broadcast_from_first_process(modules: list[nn.Module]) -> None:
+    """Overwrite every process's parameters and buffers of ``modules`` with process 0's (in place)."""
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.numel():
+                dist.broadcast(tensor.data, src=0)
+
+
+def _average_gradients(parameters: list[nn.Parameter], bucket_elements: int = 2**24) -> None:
+    """g ← (1/P)·Σ_processes g for every parameter, in place, as DDP averages the gradients of the modules it wraps.
+
+    A parameter that has a gradient on some processes but not on others counts as a zero gradient on the others;
+    one with no gradient on any process keeps none (so the optimizer skips it, as in one process). Gradients are
+    summed in flat buckets of at most ``bucket_elements`` per device and dtype: a few collectives, not one per
+    tensor.
+    """
+    device = parameters[0].device
+    present = torch.tensor([float(p.grad is not None) for p in parameters], device=device)
+    dist.all_reduce(present)
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p, anywhere in zip(parameters, present.tolist()):
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    world = dist.get_world_size()
+    for grads in groups.values():
+        start = 0
+        while start < len(grads):
+            end, size = start, 0
+            while end < len(grads) and (end == start or size + grads[end].numel() <= bucket_elements):
+                size += grads[end].numel()
+                end += 1
+            bucket = grads[start:end]
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            start = end
+
+
 class _DistillerCallback(TrainerCallback):
     """The distiller's clock follows the Trainer's: at the start, the epoch length (optimizer steps per epoch,
     counted as the Trainer counts them) and the steps already taken (on resume); after each optimizer step, clear
@@ -327,7 +373,7 @@ class DistillationTrainer(Trainer):
     the student's decoded rows, and the loss is summed over the aligned completion positions and divided by their
     number in the whole accumulated batch (logged as that mean, ``distill/uld``, ``distill/span_kl`` or
     ``distill/dskd``). DSKD's projectors (``trainer.dskd_projectors``) are trained, clipped and checkpointed
-    (``fisherkd_projectors.pt``) like the adapters; it runs in one process.
+    (``fisherkd_projectors.pt``) like the adapters.
 
     On a causal LM the logit-family methods (``kd``, ``jsd``, ``dkd``, ...) are refused: they score one
     distribution per example, and on [batch, tokens, vocab] logits they would score every position, pads and
@@ -335,8 +381,16 @@ class DistillationTrainer(Trainer):
     their masked, per-token form; feature, attention and relation methods (``minilm``, ``tinybert``) work as usual.
 
     ``example_input`` (a batch dict) sizes the adapters; by default the first two training examples are used.
-    The distiller's forward hooks stay on both models until ``trainer.distiller.close()``. Multi-process (DDP)
-    training with methods is not supported yet: the distiller calls the unwrapped student.
+    The distiller's forward hooks stay on both models until ``trainer.distiller.close()``.
+
+    Under DDP (``torchrun``, ``accelerate launch``), the adapters, the methods' parameters and buffers and DSKD's
+    projectors are copied from process 0 when they are built, and their gradients are averaged over the processes
+    once per optimizer step, before clipping (see :func:`_average_gradients`); so are the student's when methods
+    are given, since the distiller calls the student outside the DDP wrapper, whose own averaging then never runs.
+    Fisher statistics (the EMA axes class, channel, head, parameter, direction) are all-reduced by the weighters
+    themselves, so every process weights alike; per-batch axes (sample, position, token) are estimated on each
+    process's own rows. The logged terms (``distill/<term>``) are averaged over the processes, like the loss. FSDP
+    and DeepSpeed are refused with methods or DSKD.
     """
 
     # compute_loss returns a loss already scaled for gradient accumulation (see the class docstring)
@@ -360,10 +414,10 @@ class DistillationTrainer(Trainer):
         self.causal_lm = _is_causal_lm(self.model, distillation.task if distillation else "auto")
         default = DistillationConfig(token_loss={}) if self.causal_lm else DistillationConfig(methods=["kd"])
         self.distillation = config = distillation or default
-        if config.methods and self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+        if config.methods and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             raise NotImplementedError(
-                "DistillationTrainer with methods runs in one process for now: the distiller calls the student "
-                "outside the DDP wrapper. Use token_loss / label_loss_weight only, or fisherkd's own engine for DDP"
+                "DistillationTrainer with methods supports DDP but not FSDP or DeepSpeed: the distiller taps and "
+                "calls the unsharded student. Use token_loss / label_loss_weight only, or plain DDP"
             )
         self.teacher_model = teacher_model
         self._prepare_teacher()
@@ -407,6 +461,11 @@ class DistillationTrainer(Trainer):
             raise ValueError("policy (generated completions) is for causal LMs; this model is not one")
         self.policy = self._build_policy(config.policy)
         self.distiller = self._build_distiller(config.methods, example_input) if config.methods else None
+        if self._distributed():
+            # Adapters, method layers (and CRD's random memory banks) and projectors come from each process's own
+            # random stream, and DDP copies only the modules it wraps: start every process from process 0's.
+            parts = [] if self.distiller is None else [self.distiller.adapters, self.distiller.methods]
+            _broadcast_from_first_process(parts + [m for m in [self.dskd_projectors] if m is not None])
         # A causal LM trained by the token and label losses alone asks both models for the scored positions' logits
         # only (``logits_to_keep`` as a boolean [batch, tokens] mask, Transformers >= 5).
         self.scored_logits_only = (
@@ -464,10 +523,10 @@ class DistillationTrainer(Trainer):
 
     def _build_dskd_projectors(self) -> None:
         """DSKD's projectors, sized by the two LM heads and kept by the trainer (see distiller_parameters)."""
-        if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise NotImplementedError(
-                "cross_tokenizer loss 'dskd' runs in one process for now: its projectors are trained outside the "
-                "DDP wrapper, so their gradients would not be averaged; use 'uld' or 'span_kl' under DDP"
+                "cross_tokenizer loss 'dskd' supports DDP but not FSDP or DeepSpeed: it reads the unsharded LM heads; "
+                "use 'uld' or 'span_kl' there"
             )
         heads = [_unwrap_peft(m).get_output_embeddings() for m in (self.model, self.teacher_model)]
         if any(not isinstance(getattr(head, "weight", None), Tensor) for head in heads):
@@ -532,6 +591,16 @@ class DistillationTrainer(Trainer):
             modules.append(self.dskd_projectors)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
+    def _distributed(self) -> bool:
+        return self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.accelerator.num_processes > 1
+
+    def _parameters_outside_ddp(self) -> list[nn.Parameter]:
+        """The trainable parameters whose gradients DDP does not average: the adapters', methods' and
+        projectors', and with methods the student's too (the distiller calls the unwrapped student, so the DDP
+        wrapper's forward, which arms its gradient hooks, never runs)."""
+        student = [p for p in self.model.parameters() if p.requires_grad] if self.distiller is not None else []
+        return student + self.distiller_parameters()
+
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
         if INDEX_COLUMN not in self._signature_columns:
@@ -561,6 +630,18 @@ class DistillationTrainer(Trainer):
                     "trainer.distiller_parameters() and set trainer.optimizer before train()"
                 )
         return optimizer
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # After the last micro-batch of an optimizer step (the Trainer sets sync_gradients for it), before clipping
+        # and the step: once per step, like DDP's own reduction, which the accumulation steps skip.
+        if self._distributed() and self.accelerator.sync_gradients:
+            extra = self._parameters_outside_ddp()
+            if extra:
+                _average_gradients(extra)
+        return loss
 
     def _clip_grad_norm(self, model: nn.Module) -> Tensor:
         extra = self.distiller_parameters()
@@ -895,8 +976,11 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:  # a training log: add the mean of every term since the last one
-            for name, total in self._term_sums.items():
-                logs[f"distill/{name}"] = (total / self._term_count).item()
+            names = list(self._term_sums)
+            means = torch.stack([self._term_sums[name] for name in names]) / self._term_count
+            if self._distributed():  # the whole global batch's means, as the Trainer logs the loss
+                means = self.accelerator.reduce(means, reduction="mean")
+            logs |= {f"distill/{name}": value for name, value in zip(names, means.tolist())}
             self._term_sums, self._term_count = {}, 0
             if self.policy is not None:  # batches per completion source so far, and DistiLLM's threshold
                 logs |= {f"policy/{source}": count for source, count in self.policy.counts.items()}
