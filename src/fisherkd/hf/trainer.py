@@ -21,6 +21,7 @@ every labelled token against the teacher's next-token distribution. A teacher wi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -316,6 +317,50 @@ def _average_gradients(parameters: list[nn.Parameter], bucket_elements: int = 2*
             start = end
 
 
+def _shard_for_inference(module: nn.Module, accelerator: Any) -> nn.Module:
+    """``module`` sharded over the processes by the accelerator's FSDP plugin (FSDP1 or FSDP2), frozen and in eval.
+
+    Accelerate's ``prepare_model(module, evaluation_mode=True)`` would not shard it (evaluation mode skips the FSDP
+    wrapping), and ``prepare`` wraps for training; so the module is sharded here as ``prepare`` shards the student
+    (FSDP2: accelerate's ``fsdp2_prepare_model``, one unit per layer; FSDP1: the plugin's ``FullyShardedDataParallel``
+    settings) but with a copy of the plugin: the plugin fixes its layer classes on the first model it wraps, and
+    they must be the student's, found when the Trainer prepares it.
+    """
+    shared = accelerator.state.fsdp_plugin
+    plugin = copy.copy(shared)
+    if plugin.fsdp_version == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        accelerator.state.fsdp_plugin = plugin  # fsdp2_prepare_model reads (and updates) the accelerator's plugin
+        try:
+            module = fsdp2_prepare_model(accelerator, module)
+        finally:
+            accelerator.state.fsdp_plugin = shared
+        # the root and the LM head stay gathered after a forward pass, for the backward that a teacher never runs
+        module.set_reshard_after_forward(True)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        plugin.set_auto_wrap_policy(module)
+        module = FullyShardedDataParallel(
+            module,
+            sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+            cpu_offload=plugin.cpu_offload,
+            auto_wrap_policy=plugin.auto_wrap_policy,
+            mixed_precision=plugin.mixed_precision_policy,
+            sync_module_states=plugin.sync_module_states,
+            forward_prefetch=plugin.forward_prefetch,
+            use_orig_params=plugin.use_orig_params,
+            param_init_fn=plugin.param_init_fn,
+            ignored_modules=plugin.ignored_modules,
+            limit_all_gathers=plugin.limit_all_gathers,
+            device_id=accelerator.device,
+        )
+    # loading rank 0's weights into the others (cpu_ram_efficient_loading) makes new, trainable parameters
+    module.requires_grad_(False)
+    return module.eval()
+
+
 class _DistillerCallback(TrainerCallback):
     """The distiller's clock follows the Trainer's: at the start, the epoch length (optimizer steps per epoch,
     counted as the Trainer counts them) and the steps already taken (on resume); after each optimizer step, clear
@@ -391,6 +436,12 @@ class DistillationTrainer(Trainer):
     themselves, so every process weights alike; per-batch axes (sample, position, token) are estimated on each
     process's own rows. The logged terms (``distill/<term>``) are averaged over the processes, like the loss. FSDP
     and DeepSpeed are refused with methods or DSKD.
+
+    Under FSDP (``fsdp=True``, ``fsdp_config=``) the teacher is sharded like the student, with the same plugin
+    settings (see :func:`_shard_for_inference`): each process holds 1/P of its weights, and its layers are gathered
+    one at a time in its forward passes, which run in eval mode under no_grad; under DDP it stays a whole copy per
+    process, not wrapped. Sequence-level KD (``policy`` teacher_fraction > 0) is refused under FSDP, and DeepSpeed
+    ZeRO-3 altogether; under ZeRO-1/2 the teacher is copied to each device.
     """
 
     # compute_loss returns a loss already scaled for gradient accumulation (see the class docstring)
@@ -418,6 +469,18 @@ class DistillationTrainer(Trainer):
             raise NotImplementedError(
                 "DistillationTrainer with methods supports DDP but not FSDP or DeepSpeed: the distiller taps and "
                 "calls the unsharded student. Use token_loss / label_loss_weight only, or plain DDP"
+            )
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise NotImplementedError(
+                "DistillationTrainer does not shard the teacher under DeepSpeed ZeRO-3 (a teacher loaded under it "
+                "holds only its partition): use FSDP, which shards it (fsdp=True, fsdp_config={'fsdp_version': 2}), or "
+                "ZeRO stage 1 or 2, which copies it to each device"
+            )
+        if self.is_fsdp_enabled and config.policy is not None and config.policy.teacher_fraction > 0:
+            raise NotImplementedError(
+                "policy teacher_fraction > 0 (sequence-level KD) is not supported under FSDP: the sharded teacher "
+                "would generate without synchronised steps, and a process whose rows end first would leave the others "
+                "waiting; generate the teacher's completions beforehand, or train under DDP"
             )
         self.teacher_model = teacher_model
         self._prepare_teacher()
@@ -491,6 +554,10 @@ class DistillationTrainer(Trainer):
             and _plain_head(self.model)
             and _plain_head(teacher_model)
         )
+        if self.is_fsdp_enabled:
+            # Last, once every check above has read the whole teacher: each process keeps 1/P of its weights and
+            # gathers one layer at a time in the forward pass (DDP keeps a whole copy per process, unwrapped).
+            self.teacher_model = _shard_for_inference(self.teacher_model, self.accelerator)
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
         self.add_callback(_DistillerCallback(self))
@@ -542,7 +609,8 @@ class DistillationTrainer(Trainer):
         teacher.requires_grad_(False)
         teacher.eval()
         dtype = getattr(torch, self.distillation.teacher_dtype) if self.distillation.teacher_dtype else None
-        teacher.to(device=self._student_device(), dtype=dtype)
+        # under FSDP the sharding places the teacher (whose weights may be on the meta device outside process 0)
+        teacher.to(device=None if self.is_fsdp_enabled else self._student_device(), dtype=dtype)
         if getattr(getattr(teacher, "config", None), "use_cache", False):
             teacher.config.use_cache = False  # a frozen teacher scores whole sequences: a KV cache is only memory
 
