@@ -253,6 +253,29 @@ def logit_chunk_loss(
     return value * scale, grad
 
 
+def _check_token_pair(student: Tensor, teacher: Tensor, labels: Tensor, what: str, last: str) -> None:
+    """Student and teacher tensors [B, T, ·] that agree in every dimension but the last, and labels [B, T]."""
+    if teacher.shape[:-1] != student.shape[:-1]:
+        raise ValueError(
+            f"student {what} {tuple(student.shape)} and teacher {what} {tuple(teacher.shape)} must agree in every "
+            f"dimension but the last ({last})"
+        )
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(student.shape[:-1])}")
+
+
+def _scored_vocabulary(v_s: int, v_t: int, vocab_truncation: bool) -> int:
+    """The vocabulary both distributions are scored on: the shared one, or with ``vocab_truncation`` the first
+    min(V_s, V_t) entries (one embedding matrix merely padded over the same tokenizer)."""
+    if v_s != v_t and not vocab_truncation:
+        raise ValueError(
+            f"student vocabulary size {v_s} differs from teacher vocabulary size {v_t}; if both use the same "
+            "tokenizer and one embedding matrix is only padded, set vocab_truncation=True to score the first "
+            f"{min(v_s, v_t)} entries"
+        )
+    return min(v_s, v_t)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The public loss
 
@@ -294,21 +317,9 @@ def token_distillation_loss(
     to a multiple of 64) over the same tokenizer, meaningless if the tokenizers differ.
     """
     check_divergence(divergence, beta, alpha)
-    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-            "must agree in every dimension but the last (vocabulary)"
-        )
-    if labels.shape != student_logits.shape[:-1]:
-        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(student_logits.shape[:-1])}")
+    _check_token_pair(student_logits, teacher_logits, labels, "logits", "vocabulary")
     v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
-    if v_s != v_t and not vocab_truncation:
-        raise ValueError(
-            f"student vocabulary size {v_s} differs from teacher vocabulary size {v_t}; if both use the same "
-            "tokenizer and one embedding matrix is only padded, set vocab_truncation=True to score the first "
-            f"{min(v_s, v_t)} entries"
-        )
-    vocab = min(v_s, v_t)
+    vocab = _scored_vocabulary(v_s, v_t, vocab_truncation)
     teacher = teacher_logits.detach().reshape(-1, v_t)
 
     def chunk_fn(student: Tensor, r: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -419,13 +430,7 @@ def hidden_token_distillation_loss(
     ``token_distillation_loss(linear(h_s, W_s, b_s), linear(h_t, W_t, b_t), labels, ...)``; use it for heads that
     are a plain linear map (no logit scaling or soft-capping after it)."""
     check_divergence(divergence, beta, alpha)
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(
-            f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
-            f"{tuple(teacher_hidden.shape)} must agree in every dimension but the last (width)"
-        )
-    if labels.shape != student_hidden.shape[:-1]:
-        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(student_hidden.shape[:-1])}")
+    _check_token_pair(student_hidden, teacher_hidden, labels, "hidden states", "width")
     for name, hidden, head in (("student", student_hidden, student_head), ("teacher", teacher_hidden, teacher_head)):
         if head.dim() != 2 or head.shape[1] != hidden.shape[-1]:
             raise ValueError(
@@ -433,13 +438,7 @@ def hidden_token_distillation_loss(
                 "(the LM head's weight, whose rows are the tokens)"
             )
     v_s, v_t = student_head.shape[0], teacher_head.shape[0]
-    if v_s != v_t and not vocab_truncation:
-        raise ValueError(
-            f"student vocabulary size {v_s} differs from teacher vocabulary size {v_t}; if both use the same "
-            "tokenizer and one embedding matrix is only padded, set vocab_truncation=True to score the first "
-            f"{min(v_s, v_t)} entries"
-        )
-    vocab = min(v_s, v_t)
+    vocab = _scored_vocabulary(v_s, v_t, vocab_truncation)
     flat = student_hidden.reshape(-1, student_hidden.shape[-1])
     teacher_flat = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     t_head, t_bias = teacher_head.detach()[:vocab], None if teacher_bias is None else teacher_bias.detach()[:vocab]
