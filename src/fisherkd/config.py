@@ -106,6 +106,20 @@ class FromTeacherConfig(Strict):
         None, description="seed of the calibration sample, sampled labels and random importance (default: the run's)"
     )
 
+    def prune_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`fisherkd.prune.prune` this spec means (an unset seed is 0: a run sets
+        its own seed first, see ``fisherkd.run.pruned_student``)."""
+        return {
+            "width": self.width,
+            "heads": self.heads,
+            "neurons": self.neurons,
+            "hidden": self.hidden,
+            "layers": self.layers,
+            "importance_method": self.importance,
+            "layer_importance": self.layer_importance,
+            "seed": 0 if self.seed is None else self.seed,
+        }
+
 
 class StudentConfig(ModelConfig):
     name: str | None = Field(None, description="zoo name; leave out with from_teacher (the teacher's family)")

@@ -69,9 +69,9 @@ def prune_teacher(config: StudentConfig, teacher: nn.Module, splits: DataSplits 
     resolved config rebuilds it (resume, evaluation and export load its weights from the run's checkpoints)."""
     spec = config.from_teacher
     assert spec is not None and config.name is not None
-    seed = 0 if spec.seed is None else spec.seed  # a run resolves None to its own seed (pruned_student)
+    arguments = spec.prune_arguments()
     batch, device = min(128, spec.calibration), next(teacher.parameters()).device
-    loader = make_loader(splits, "train", batch, shuffle=True, drop_last=False, seed=seed, device=device)
+    loader = make_loader(splits, "train", batch, shuffle=True, drop_last=False, seed=arguments["seed"], device=device)
     batches, seen = [], 0
     for b in loader.epoch(0):
         batches.append((b.x, b.y))
@@ -81,14 +81,7 @@ def prune_teacher(config: StudentConfig, teacher: nn.Module, splits: DataSplits 
     pruned = prune(
         teacher,
         batches,
-        width=spec.width,
-        heads=spec.heads,
-        neurons=spec.neurons,
-        hidden=spec.hidden,
-        layers=spec.layers,
-        importance_method=spec.importance,
-        layer_importance=spec.layer_importance,
-        seed=seed,
+        **arguments,
         name=config.name,
         kwargs=config.kwargs,
         in_channels=splits.in_channels,

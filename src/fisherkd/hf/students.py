@@ -84,8 +84,8 @@ def student_from_teacher(
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, _Block)) from None
     spec = from_teacher
-    # None is a run's own seed on the vision side; outside a run it is 0, as prune_teacher reads it
-    seed = 0 if spec.seed is None else spec.seed
+    arguments = spec.prune_arguments()  # an unset seed is 0 here: no run seed to take it from
+    seed = arguments["seed"]
     examples = _examples(calibration)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[: spec.calibration]
     chosen = [examples[i] for i in order.tolist()]
@@ -93,18 +93,7 @@ def student_from_teacher(
     device = next(teacher.parameters()).device
     # padding is masked: pads add nothing to any importance (means over real tokens, no log-likelihood on pads)
     batches = [pad_batch(chosen[i : i + batch_size], pad, device) for i in range(0, len(chosen), batch_size)]
-    return prune(
-        teacher,
-        batches,
-        width=spec.width,
-        heads=spec.heads,
-        neurons=spec.neurons,
-        hidden=spec.hidden,
-        layers=spec.layers,
-        importance_method=spec.importance,
-        layer_importance=spec.layer_importance,
-        seed=seed,
-    ).model
+    return prune(teacher, batches, **arguments).model
 
 
 def _examples(calibration: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
