@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -78,3 +79,28 @@ def forbid_host_reads(monkeypatch: pytest.MonkeyPatch, where: str = "the trainin
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, read)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a gloo rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_llama(layers: int, seed: int, vocab: int = 50, **overrides: Any) -> nn.Module:
+    """A randomly initialised LlamaForCausalLM (hidden 16, 2 heads sharing 1 KV head), seeded."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        **overrides,
+    )
+    return transformers.LlamaForCausalLM(config)

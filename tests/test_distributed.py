@@ -1,7 +1,6 @@
 """DDP on CPU with gloo: two processes reach the weights of one process with the same global batch."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -12,6 +11,7 @@ from fisherkd.data import ArrayDataset, DataSplits
 from fisherkd.distiller import Distiller
 from fisherkd.engine import Trainer
 from fisherkd.models import create_model
+from helpers import free_port
 
 
 def splits() -> DataSplits:
@@ -45,12 +45,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     weights, first_batch = train_once(out_dir)
     torch.save({"weights": weights, "first_batch": first_batch}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):

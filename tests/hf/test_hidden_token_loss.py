@@ -15,6 +15,7 @@ from transformers import TrainingArguments  # noqa: E402
 
 from fisherkd.hf import DistillationConfig, DistillationTrainer  # noqa: E402
 from fisherkd.hf.token_losses import hidden_token_distillation_loss, token_distillation_loss  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
 
 
 def naive(h_s, w_s, b_s, h_t, w_t, labels, divergence, beta=0.5, tau=1.0, token_weight=None, num_items=None):
@@ -123,20 +124,8 @@ def test_checks_and_no_gradient():
         loss.backward()
 
 
-def tiny_llama(layers: int, seed: int, **overrides) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-        **overrides,
-    )
-    return transformers.LlamaForCausalLM(config)
+def tiny_llama_tied(layers: int, seed: int, **overrides) -> torch.nn.Module:
+    return tiny_llama(layers, seed, tie_word_embeddings=True, **overrides)
 
 
 def test_trainer_fused_path_equals_the_logits_path(tmp_path):
@@ -149,7 +138,7 @@ def test_trainer_fused_path_equals_the_logits_path(tmp_path):
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", save_strategy="no")
     results = []
     for fused in (True, False):
-        student, teacher = tiny_llama(1, seed=0), tiny_llama(2, seed=1)
+        student, teacher = tiny_llama_tied(1, seed=0), tiny_llama_tied(2, seed=1)
         trainer = DistillationTrainer(
             model=student,
             teacher_model=teacher,
@@ -170,14 +159,17 @@ def test_trainer_fused_path_equals_the_logits_path(tmp_path):
 
 def test_trainer_keeps_the_logits_path_for_scaled_heads(tmp_path):
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", save_strategy="no")
-    capped = tiny_llama(1, seed=0)
+    capped = tiny_llama_tied(1, seed=0)
     capped.config.final_logit_softcapping = 30.0  # as Gemma 2: the model's logits are not its head's output
     trainer = DistillationTrainer(
-        model=capped, teacher_model=tiny_llama(2, seed=1), distillation=DistillationConfig(token_loss={}), args=args
+        model=capped,
+        teacher_model=tiny_llama_tied(2, seed=1),
+        distillation=DistillationConfig(token_loss={}),
+        args=args,
     )
     assert not trainer.fused_head
     with_label = DistillationConfig(token_loss={}, label_loss_weight=0.5)  # the label loss reads the logits
     trainer = DistillationTrainer(
-        model=tiny_llama(1, seed=0), teacher_model=tiny_llama(2, seed=1), distillation=with_label, args=args
+        model=tiny_llama_tied(1, seed=0), teacher_model=tiny_llama_tied(2, seed=1), distillation=with_label, args=args
     )
     assert not trainer.fused_head

@@ -6,7 +6,6 @@ which are built after the Trainer seeds the process, start apart unless the trai
 """
 
 import os
-import socket
 import sys
 
 import pytest
@@ -16,6 +15,8 @@ pytest.importorskip("accelerate")
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+from helpers import free_port  # noqa: E402
 
 STEPS = 3
 SEED = 10  # of the one process and of process 0; process 1 gets SEED + 1
@@ -102,12 +103,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         "dskd": dskd_run(os.path.join(out_dir, f"d{rank}"), batch_size=2, **ddp),
     }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

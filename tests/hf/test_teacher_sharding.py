@@ -7,7 +7,6 @@ like, never MULTI_CPU), so the two-process test sets the FSDP distributed type i
 (:func:`fsdp_on_cpu`); PyTorch's FSDP2 and FSDP1 themselves run on the CPU with gloo."""
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -19,26 +18,17 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from test_trainer import arguments  # noqa: E402
 
+import helpers  # noqa: E402
 from fisherkd.hf import DistillationConfig, DistillationTrainer  # noqa: E402
 from fisherkd.hf import trainer as trainer_module  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 VOCAB, LENGTH = 50, 8
 FSDP2 = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
 
 
 def tiny_llama(layers: int, seed: int) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return helpers.tiny_llama(layers, seed, vocab=VOCAB, tie_word_embeddings=False)
 
 
 def examples(n: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -165,12 +155,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         "direct": {version: shard_directly(version, rank) for version in (1, 2)},
     }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
