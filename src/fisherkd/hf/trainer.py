@@ -132,6 +132,17 @@ class TokenLossConfig:
         if not isinstance(self.vocab_truncation, bool):
             raise ValueError(f"token_loss vocab_truncation must be True or False, got {self.vocab_truncation!r}")
 
+    def loss_arguments(self) -> dict[str, Any]:
+        """The arguments the token losses (logits and fused head alike) take from this config."""
+        return {
+            "divergence": self.divergence,
+            "temperature": self.temperature,
+            "beta": self.beta,
+            "alpha": self.alpha,
+            "chunk_size": self.chunk_size,
+            "vocab_truncation": self.vocab_truncation,
+        }
+
     @classmethod
     def from_mapping(cls, fields: Mapping[str, Any]) -> TokenLossConfig:
         """A config from a dict of its fields; an unknown key fails with the nearest field names."""
@@ -819,10 +830,7 @@ class DistillationTrainer(Trainer):
         # loss divides all of them by the micro-batch count and the log averages them over the micro-batches.
         factor = self._token_factor(model, num_items_in_batch)
         terms = {**batch_terms, **{name: value * factor for name, value in token_terms.items()}}
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
-        loss = sum(terms.values()) / steps
-        if model.training:
-            self._accumulate_terms({**terms, **stats})
+        loss = self._micro_batch_loss(model, terms, stats)
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
     def _cross_tokenizer_loss(
@@ -923,10 +931,7 @@ class DistillationTrainer(Trainer):
                 student_logits = student_logits[None]
             label = self._label_loss(student_logits, labels, num_items_in_batch, shift)
             terms["label"] = config.label_loss_weight * label * self._token_factor(model, num_items_in_batch)
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
-        loss = sum(terms.values()) / steps
-        if model.training:
-            self._accumulate_terms(terms)
+        loss = self._micro_batch_loss(model, terms)
         return (loss, {"logits": student_logits}) if return_outputs else loss
 
     def _hidden_token_loss(
@@ -947,21 +952,12 @@ class DistillationTrainer(Trainer):
             teacher_hidden,
             t_head.weight,
             labels,
-            c.divergence,
-            c.temperature,
             student_bias=s_head.bias,
             teacher_bias=t_head.bias,
-            beta=c.beta,
-            alpha=c.alpha,
-            chunk_size=c.chunk_size,
             num_items=num_items_in_batch,
-            vocab_truncation=c.vocab_truncation,
+            **c.loss_arguments(),
         )
-        terms = {"token": token * self._token_factor(model, num_items_in_batch)}
-        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
-        if model.training:
-            self._accumulate_terms(terms)
-        return terms["token"] / steps
+        return self._micro_batch_loss(model, {"token": token * self._token_factor(model, num_items_in_batch)})
 
     def _missing_labels_message(self) -> str:
         if not self.causal_lm:
@@ -1004,19 +1000,13 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: Tensor | int | None,
         shift: bool = True,
     ) -> Tensor:
-        c = self.distillation.token_loss
         return token_distillation_loss(
             student,
             teacher,
             labels,
-            c.divergence,
-            c.temperature,
-            beta=c.beta,
-            alpha=c.alpha,
-            chunk_size=c.chunk_size,
             shift=shift,
             num_items=num_items_in_batch,
-            vocab_truncation=c.vocab_truncation,
+            **self.distillation.token_loss.loss_arguments(),
         )
 
     def _token_factor(self, model: nn.Module, num_items_in_batch: Tensor | int | None) -> float:
@@ -1035,6 +1025,16 @@ class DistillationTrainer(Trainer):
         return float(factor)
 
     # ---- logging -------------------------------------------------------------------------------------------
+
+    def _micro_batch_loss(
+        self, model: nn.Module, terms: dict[str, Tensor], stats: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        """The micro-batch's loss, Σ terms over the accumulation steps (the Trainer adds the micro-batches' losses up);
+        in training, the terms and diagnostics are also summed for the next log."""
+        steps = getattr(self, "current_gradient_accumulation_steps", 1) if model.training else 1
+        if model.training:
+            self._accumulate_terms({**terms, **(stats or {})})
+        return sum(terms.values()) / steps
 
     def _accumulate_terms(self, terms: dict[str, Tensor]) -> None:
         for name, value in terms.items():
